@@ -1,0 +1,40 @@
+# Two commands on a fresh machine with Python 3.11:  make run  /  make test
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKDIR ?= runs/default
+CONFIG ?= experiments/configs/default.py
+
+.PHONY: help setup run smoke test lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "lpd needs Python 3.11, got " + sys.version'
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the pinned stack (once)
+
+run: setup  ## run the default pipeline on CPU into runs/default
+	$(BIN)/lpd archive --config $(CONFIG) --workdir $(WORKDIR)
+
+smoke: setup  ## run the pipeline on the tiny config into runs/smoke
+	$(BIN)/lpd archive --config experiments/configs/tiny.py --workdir runs/smoke
+
+test: setup  ## run the test suite
+	$(BIN)/python -m pytest -q
+
+lint: setup  ## ruff lint and format check
+	$(BIN)/ruff check src tests benchmarks experiments
+	$(BIN)/ruff format --check src tests benchmarks experiments
+
+bench: setup  ## benchmarks -> benchmarks/results/*.json
+	$(BIN)/python benchmarks/bench_archive.py
+
+clean:  ## remove the venv and run outputs
+	rm -rf $(VENV) runs

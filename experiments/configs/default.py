@@ -1,0 +1,55 @@
+"""Default CPU experiment: walker2d feet-contact archive sized for 2 cores.
+
+`make run` runs it into runs/default/. Override any field from the command
+line, e.g. `--config.archive.num_iterations=400`.
+"""
+
+import ml_collections
+
+
+def get_archive_config() -> ml_collections.ConfigDict:
+    """Archive-stage settings shared by every experiment config."""
+    return ml_collections.ConfigDict(
+        dict(
+            env="walker2d_uni",  # walker2d_uni, halfcheetah_uni, humanoid_uni,
+            # hopper_uni (1-D descriptor), ant_uni (4-D descriptor)
+            backend="spring",  # spring (fastest on CPU), positional, generalized, mjx
+            episode_length=250,
+            policy_hidden_sizes=(128, 128),
+            normalise_obs=False,
+            emitter="map_elites",  # map_elites (isoline variation) or pga_me
+            batch_size=256,  # offspring per iteration, sharded over devices
+            num_iterations=300,
+            log_period=10,  # iterations per jitted chunk / log / checkpoint
+            iso_sigma=0.005,
+            line_sigma=0.05,
+            tessellation="grid",  # grid or cvt
+            grid_shape=(32, 32),  # cells per descriptor dimension (grid)
+            num_cvt_cells=1024,  # number of cells (cvt)
+            # PGA-ME only (fields of qdax PGAMEConfig).
+            pga=dict(
+                proportion_mutation_ga=0.5,
+                num_critic_training_steps=300,
+                num_pg_training_steps=100,
+                replay_buffer_size=200_000,
+                critic_hidden_layer_size=(256, 256),
+                critic_learning_rate=3e-4,
+                greedy_learning_rate=3e-4,
+                policy_learning_rate=1e-3,
+                noise_clip=0.5,
+                policy_noise=0.2,
+                discount=0.99,
+                reward_scaling=1.0,
+                batch_size=256,
+                soft_tau_update=0.005,
+                policy_delay=2,
+            ),
+        )
+    )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.archive = get_archive_config()
+    return config

@@ -1,0 +1,28 @@
+"""Tiny config for tests and smoke runs: compiles fast, runs in seconds."""
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(__file__))
+import default  # noqa: E402
+
+
+def get_config(env: str = "walker2d_uni") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.archive = default.get_archive_config()
+    config.archive.update(
+        env=env,
+        episode_length=50,
+        policy_hidden_sizes=(8,),
+        batch_size=16,
+        iso_sigma=0.02,
+        line_sigma=0.1,
+        num_iterations=4,
+        log_period=2,
+        grid_shape=(5,) * {"hopper_uni": 1, "ant_uni": 4}.get(env, 2),
+        num_cvt_cells=16,
+    )
+    return config

@@ -1,0 +1,321 @@
+"""Stage 1: quality-diversity search that fills an archive of policies.
+
+QDax's MAP-Elites (isoline variation, or PGA-ME) runs on a Brax feet-contact
+task. The iterations run as jitted ``lax.scan`` chunks of ``log_period``
+steps with the state donated; between chunks the host logs, draws the
+progress bar and writes an orbax checkpoint. Iteration ``i`` uses
+``fold_in(key, i)``, so a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from lpd import archive_io, plots, qd
+from lpd import policy as policy_lib
+from lpd.config import config_to_dict, diff_configs
+from lpd.devices import batch_sharding
+from lpd.errors import LpdError
+from lpd.logs import MetricsWriter, write_json_atomic
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpec:
+    """Everything static about a QD search; hashable so compiled code is reused."""
+
+    env_name: str
+    backend: str
+    episode_length: int
+    hidden_sizes: tuple[int, ...]
+    normalise_obs: bool
+    emitter: str
+    batch_size: int
+    iso_sigma: float
+    line_sigma: float
+    pga: tuple[tuple[str, object], ...]
+    log_period: int
+    seed: int
+
+
+def spec_from_config(config: ml_collections.ConfigDict) -> SearchSpec:
+    """Reads the archive part of an experiment config into a ``SearchSpec``."""
+    c = config.archive
+    pga = tuple(
+        (k, tuple(v) if isinstance(v, (list, tuple)) else v)
+        for k, v in sorted(c.pga.items())
+    )
+    return SearchSpec(
+        env_name=c.env,
+        backend=c.backend,
+        episode_length=c.episode_length,
+        hidden_sizes=tuple(c.policy_hidden_sizes),
+        normalise_obs=c.normalise_obs,
+        emitter=c.emitter,
+        batch_size=c.batch_size,
+        iso_sigma=c.iso_sigma,
+        line_sigma=c.line_sigma,
+        pga=pga,
+        log_period=c.log_period,
+        seed=config.seed,
+    )
+
+
+class SearchFns(NamedTuple):
+    """The task, the policy and the two compiled functions of a search."""
+
+    env: object
+    policy: policy_lib.Policy
+    scoring_fn: Callable
+    init_fn: Callable  # (genotypes, centroids, key) -> (repertoire, emitter_state, metrics)
+    chunk_fn: Callable  # (repertoire, emitter_state, start, key) -> (..., metrics [P])
+
+
+@functools.lru_cache(maxsize=4)
+def make_search_fns(spec: SearchSpec) -> SearchFns:
+    """Builds (once per spec and process) the task and the jitted search steps."""
+    env = qd.make_env(spec.env_name, spec.episode_length, spec.backend)
+    policy = policy_lib.Policy(spec.hidden_sizes, env.action_size, spec.normalise_obs)
+    key_reset = jax.random.fold_in(jax.random.key(spec.seed), 0)
+    sharding = batch_sharding(spec.batch_size)
+    scoring_fn = qd.make_scoring_fn(
+        env, policy, spec.episode_length, key_reset, sharding
+    )
+    emitter = qd.make_emitter(
+        spec.emitter,
+        spec.batch_size,
+        {"iso_sigma": spec.iso_sigma, "line_sigma": spec.line_sigma},
+        dict(spec.pga),
+        policy,
+        env,
+    )
+    offset = qd.fitness_offset(spec.env_name, spec.episode_length)
+    map_elites = qd.make_map_elites(scoring_fn, emitter, offset)
+
+    def init_fn(genotypes, centroids, key):
+        key_stats, key_init = jax.random.split(key)
+        if spec.normalise_obs:
+            _, _, extra = scoring_fn(genotypes, key_stats)
+            mean, std = qd.observation_stats(extra["transitions"])
+            inner = dict(genotypes["params"])
+            inner["obs_mean"] = jnp.broadcast_to(mean, inner["obs_mean"].shape)
+            inner["obs_std"] = jnp.broadcast_to(std, inner["obs_std"].shape)
+            genotypes = {**genotypes, "params": inner}
+        return map_elites.init(genotypes, centroids, key_init)
+
+    def chunk_fn(repertoire, emitter_state, start, key):
+        def step(carry, iteration):
+            repertoire, emitter_state = carry
+            key_iteration = jax.random.fold_in(key, iteration)
+            repertoire, emitter_state, metrics = map_elites.update(
+                repertoire, emitter_state, key_iteration
+            )
+            return (repertoire, emitter_state), metrics
+
+        iterations = start + jnp.arange(spec.log_period)
+        (repertoire, emitter_state), metrics = jax.lax.scan(
+            step, (repertoire, emitter_state), iterations
+        )
+        return repertoire, emitter_state, metrics
+
+    return SearchFns(
+        env=env,
+        policy=policy,
+        scoring_fn=scoring_fn,
+        init_fn=jax.jit(init_fn),
+        chunk_fn=jax.jit(chunk_fn, donate_argnums=(0, 1)),
+    )
+
+
+def describe_env(meta: dict) -> dict:
+    """Adds to ``meta`` what the env and policy settings determine."""
+    env = qd.make_env(meta["env"], int(meta["episode_length"]), meta["backend"])
+    hidden = tuple(int(h) for h in meta["policy"]["hidden_sizes"])
+    normalise = bool(meta["policy"].get("normalise_obs", False))
+    policy = policy_lib.Policy(hidden, env.action_size, normalise)
+    layout = policy_lib.policy_layout(policy, env.observation_size)
+    names = qd.descriptor_names(env)
+    return {
+        **meta,
+        "episode_length": int(meta["episode_length"]),
+        "descriptor_names": names,
+        "descriptor_low": [0.0] * len(names),
+        "descriptor_high": [1.0] * len(names),
+        "fitness_offset": qd.fitness_offset(meta["env"], int(meta["episode_length"])),
+        "policy": {
+            "hidden_sizes": list(hidden),
+            "normalise_obs": normalise,
+            "obs_size": int(env.observation_size),
+            "action_size": int(env.action_size),
+            "params_per_policy": policy_lib.count_params(layout),
+        },
+        "layout": {path: list(shape) for path, shape in layout.items()},
+    }
+
+
+def _check_config(directory: Path, config_dict: dict) -> None:
+    """Refuses a workdir whose archive was made with another config."""
+    path = directory / "config.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    diffs = diff_configs(old.get("archive", {}), config_dict["archive"], "archive")
+    if old.get("seed") != config_dict["seed"]:
+        diffs.append(f"seed: {old.get('seed')!r} -> {config_dict['seed']!r}")
+    if diffs:
+        raise LpdError(
+            f"{directory} was made with a different config ({'; '.join(diffs[:3])}); "
+            "use another --workdir or delete that directory"
+        )
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
+    c = config.archive
+    if c.num_iterations <= 0 or c.log_period <= 0:
+        raise LpdError("archive.num_iterations and archive.log_period must be > 0")
+    if c.num_iterations % c.log_period:
+        raise LpdError(
+            f"archive.num_iterations ({c.num_iterations}) must be a multiple of "
+            f"archive.log_period ({c.log_period})"
+        )
+    if c.batch_size <= 0 or c.episode_length <= 0:
+        raise LpdError("archive.batch_size and archive.episode_length must be > 0")
+
+
+def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
+    """Runs (or resumes, or skips when complete) the archive stage.
+
+    Returns:
+        ``<workdir>/archive``.
+    """
+    directory = archive_io.archive_dir(workdir)
+    config_dict = config_to_dict(config)
+    _check_config(directory, config_dict)
+    if (directory / "meta.json").exists():
+        print(f"archive: complete in {directory}, skipping")
+        return directory
+    _validate(config)
+    c = config.archive
+    spec = spec_from_config(config)
+    fns = make_search_fns(spec)  # Checks env, backend, emitter names.
+    meta = describe_env(
+        {
+            "env": c.env,
+            "backend": c.backend,
+            "episode_length": c.episode_length,
+            "policy": {
+                "hidden_sizes": list(c.policy_hidden_sizes),
+                "normalise_obs": c.normalise_obs,
+            },
+        }
+    )
+    key = jax.random.key(config.seed)
+    key_cells, key_policies, key_init, key_search = jax.random.split(key, 4)
+    num_dims = len(meta["descriptor_names"])
+    centroids = qd.make_centroids(
+        c.tessellation, tuple(c.grid_shape), c.num_cvt_cells, num_dims, key_cells
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(directory / "config.json", config_dict)
+
+    repertoire, emitter_state, start = _start_or_resume(
+        fns, spec, meta, centroids, (key_policies, key_init), directory
+    )
+    repertoire = _search(fns, (repertoire, emitter_state), start, c, key_search, directory)
+
+    archive = archive_io.Archive(
+        params=repertoire.genotypes,
+        fitnesses=repertoire.fitnesses.reshape(-1),
+        descriptors=repertoire.descriptors,
+        centroids=repertoire.centroids,
+    )
+    meta.update(
+        format=archive_io.FORMAT,
+        source="lpd archive",
+        num_cells=int(centroids.shape[0]),
+        num_elites=int(jnp.sum(archive.filled)),
+        grid_shape=list(c.grid_shape) if c.tessellation == "grid" else None,
+        iterations=c.num_iterations,
+        versions=archive_io.package_versions(),
+        config=config_dict,
+    )
+    archive_io.save_archive(workdir, archive, meta, plots.plot_archive_heatmap)
+    return directory
+
+
+def _checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager((directory / "checkpoints").absolute(), options=options)
+
+
+def _start_or_resume(fns, spec, meta, centroids, keys, directory):
+    """Initial state (checkpointed as step 0), or the last checkpoint's."""
+    key_policies, key_init = keys
+    genotypes = policy_lib.init_policies(
+        fns.policy, meta["policy"]["obs_size"], spec.batch_size, key_policies
+    )
+    with _checkpoint_manager(directory) as manager:
+        step = manager.latest_step()
+        if step is None:
+            repertoire, emitter_state, metrics = fns.init_fn(genotypes, centroids, key_init)
+            state = {"repertoire": repertoire, "emitter_state": emitter_state}
+            manager.save(0, args=ocp.args.StandardSave(state))
+            writer = MetricsWriter(directory)
+            writer.write(0, jax.device_get(metrics))
+            writer.close()
+            return repertoire, emitter_state, 0
+        template = jax.eval_shape(fns.init_fn, genotypes, centroids, key_init)[:2]
+        template = {"repertoire": template[0], "emitter_state": template[1]}
+        try:
+            state = manager.restore(step, args=ocp.args.StandardRestore(template))
+        except Exception as e:  # orbax raises many types for damaged files.
+            raise LpdError(
+                f"checkpoint {step} in {directory / 'checkpoints'} is corrupt or "
+                f"incompatible ({type(e).__name__}); delete that directory to restart"
+            ) from e
+    print(f"archive: resuming from iteration {step}")
+    return state["repertoire"], state["emitter_state"], step
+
+
+def _search(fns, state, start, c, key, directory):
+    """Runs chunks from iteration ``start`` to the end; returns the repertoire."""
+    repertoire, emitter_state = state
+    writer = MetricsWriter(directory, resume_step=start)
+    bar = tqdm(total=c.num_iterations, initial=start, desc="archive", unit="it")
+    try:
+        with _checkpoint_manager(directory) as manager:
+            for chunk_start in range(start, c.num_iterations, c.log_period):
+                repertoire, emitter_state, metrics = fns.chunk_fn(
+                    repertoire, emitter_state, jnp.int32(chunk_start), key
+                )
+                end = chunk_start + c.log_period
+                state = {"repertoire": repertoire, "emitter_state": emitter_state}
+                manager.save(end, args=ocp.args.StandardSave(state))
+                metrics = jax.device_get(metrics)
+                if not np.isfinite(metrics["qd_score"]).all():
+                    raise LpdError(f"archive: QD score is not finite at iteration {end}")
+                for i in range(c.log_period):
+                    writer.write(chunk_start + i + 1, {k: v[i] for k, v in metrics.items()})
+                last = {k: float(v[-1]) for k, v in metrics.items()}
+                bar.set_postfix(
+                    coverage=f"{last['coverage']:.1f}%",
+                    qd_score=f"{last['qd_score']:.3g}",
+                    max_fitness=f"{last['max_fitness']:.1f}",
+                )
+                bar.update(c.log_period)
+    finally:
+        bar.close()
+        writer.close()
+    return repertoire

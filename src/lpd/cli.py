@@ -1,0 +1,107 @@
+"""The ``lpd`` command: one subcommand per pipeline stage.
+
+    lpd <stage> --config <file>[:<arg>] --workdir <dir> [--config.x.y=v ...]
+
+Errors in the user's input print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lpd.errors import LpdError
+
+USAGE = "lpd <command> [options]; `lpd <command> -h` for help"
+
+
+def _set_host_devices() -> None:
+    """One XLA host device per core, so CPU work shards like on many GPUs.
+
+    Must run before jax is imported; a user's own XLA_FLAGS setting wins.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={count}".strip()
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lpd", usage=USAGE, description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", metavar="<command>")
+    stage = commands.add_parser(
+        "archive",
+        help="run quality-diversity search and write <workdir>/archive",
+        description="Run (or resume) the QD search; extra --config.a.b=v override fields.",
+    )
+    stage.add_argument("--config", required=True, help="config file, path.py[:arg]")
+    stage.add_argument("--workdir", required=True, help="directory of the run")
+    export = commands.add_parser(
+        "export-archive", help="write the archive of a workdir as a documented .npz"
+    )
+    export.add_argument("--workdir", required=True)
+    export.add_argument("--out", required=True, help="path of the .npz to write")
+    imp = commands.add_parser(
+        "import-archive", help="make <workdir>/archive from an archive .npz"
+    )
+    imp.add_argument("--npz", required=True, help="archive .npz (README schema)")
+    imp.add_argument("--workdir", required=True)
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    """Runs the command line ``argv``; raises ``LpdError`` on bad input."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    overrides = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        raise LpdError(f"unrecognised arguments: {' '.join(unknown)} (see lpd {args.command} -h)")
+    if overrides and args.command != "archive":
+        raise LpdError(f"lpd {args.command} takes no --config overrides")
+
+    if args.command == "archive":
+        from lpd import archive
+        from lpd.config import load_config
+
+        config = load_config(args.config, overrides)
+        directory = archive.run_archive_stage(config, args.workdir)
+        print(f"archive: written to {directory}")
+    elif args.command == "export-archive":
+        from lpd import archive_io
+
+        out = archive_io.export_npz(args.workdir, args.out)
+        print(f"export-archive: wrote {out}")
+    elif args.command == "import-archive":
+        from lpd import archive, archive_io, plots
+
+        target = archive_io.archive_dir(args.workdir)
+        if target.exists():
+            raise LpdError(f"{target} already exists; import into another --workdir")
+        data, meta = archive_io.read_npz(args.npz, archive.describe_env)
+        archive_io.save_archive(args.workdir, data, meta, plots.plot_archive_heatmap)
+        print(f"import-archive: {meta['num_elites']} elites written to {target}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point."""
+    _set_host_devices()
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except LpdError as e:
+        print(f"lpd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lpd: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Loading experiment configs and applying command-line overrides.
+
+A config file is a Python module with ``get_config(arg=None)`` returning a
+locked ``ml_collections.ConfigDict``. It is named on the command line as
+``path/to/file.py`` or ``path/to/file.py:arg``; overrides look like
+``--config.archive.num_iterations=20``.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+from lpd.errors import LpdError
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads ``file.py[:arg]`` and applies ``--config.a.b=value`` overrides."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise LpdError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location("_lpd_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # A user's config file can fail in any way.
+        raise LpdError(f"config file {path} failed to load: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise LpdError(f"config file {path} has no get_config() function")
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:
+        raise LpdError(f"config {spec} failed to load: {e}") from e
+    config.lock()
+    for override in overrides:
+        apply_override(config, override)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """Applies one ``--config.a.b=value`` (or ``config.a.b=value``) override."""
+    text = override.removeprefix("--")
+    if not text.startswith("config.") or "=" not in text:
+        raise LpdError(f"bad override {override!r}: expected --config.a.b=value")
+    dotted, _, raw = text[len("config.") :].partition("=")
+    *parents, leaf = dotted.split(".")
+    node = config
+    for depth, name in enumerate(parents):
+        _check_field(node, name, parents[:depth])
+        node = node[name]
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise LpdError(f"config.{'.'.join(parents[: depth + 1])} is not a group")
+    _check_field(node, leaf, parents)
+    old = node[leaf]
+    if isinstance(old, ml_collections.ConfigDict):
+        raise LpdError(f"config.{dotted} is a group; override one of its fields")
+    node[leaf] = _parse_value(raw, old, dotted)
+
+
+def _check_field(node: ml_collections.ConfigDict, name: str, parents: list) -> None:
+    """Raises an error naming the closest field when ``name`` is not in ``node``."""
+    if name in node:
+        return
+    where = ".".join(["config"] + list(parents))
+    hint = difflib.get_close_matches(name, list(node.keys()), n=1)
+    maybe = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise LpdError(f"unknown config field {name!r} in {where}{maybe}")
+
+
+def _parse_value(raw: str, old: Any, dotted: str) -> Any:
+    """Parses ``raw`` into the type of the value it replaces."""
+    if isinstance(old, str) or old is None:
+        return raw
+    try:
+        if isinstance(old, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        if isinstance(old, int):
+            return int(raw)
+        if isinstance(old, float):
+            return float(raw)
+        value = ast.literal_eval(raw)
+        if isinstance(old, tuple):
+            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        return value
+    except (ValueError, SyntaxError):
+        kind = type(old).__name__
+        raise LpdError(f"config.{dotted}={raw!r} is not a valid {kind}") from None
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    """A JSON-compatible dict (tuples become lists) of ``config``."""
+    return json.loads(config.to_json())
+
+
+def diff_configs(old: dict, new: dict, prefix: str = "config") -> list[str]:
+    """Dotted paths where two config dicts differ, with both values."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += diff_configs(a, b, f"{prefix}.{key}")
+        elif a != b:
+            diffs.append(f"{prefix}.{key}: {a!r} -> {b!r}")
+    return diffs

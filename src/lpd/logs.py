@@ -1,0 +1,53 @@
+"""Per-stage metric logs (JSONL and TensorBoard) and small atomic file writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+from tensorboardX import SummaryWriter
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Writes ``data`` as JSON to ``path`` via a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends ``{"step": s, **metrics}`` rows to ``metrics.jsonl`` and TensorBoard.
+
+    Opening it for a run resumed at ``resume_step`` drops rows logged after
+    that step by the interrupted run, so the log matches the restored state.
+    """
+
+    def __init__(self, directory: Path, resume_step: int | None = None):
+        self._path = directory / "metrics.jsonl"
+        if resume_step is not None and self._path.exists():
+            rows = [json.loads(line) for line in self._path.read_text().splitlines()]
+            kept = [r for r in rows if r["step"] <= resume_step]
+            tmp = self._path.with_name("metrics.jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self._path)
+        elif resume_step is None and self._path.exists():
+            self._path.unlink()
+        self._tb = SummaryWriter(str(directory / "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with self._path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for name, value in metrics.items():
+            self._tb.add_scalar(name, float(value), int(step))
+
+    def close(self) -> None:
+        self._tb.close()
+
+
+def read_metrics(directory: Path) -> list[dict]:
+    """Rows of ``directory/metrics.jsonl``."""
+    path = directory / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]

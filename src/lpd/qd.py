@@ -1,0 +1,219 @@
+"""Everything that touches QDax: tasks, scoring, emitters, MAP-Elites, metrics.
+
+Keeping QDax behind this one module means a QDax upgrade touches one file.
+The scoring contract is QDax's: ``scoring_fn(genotypes, key) -> (fitnesses
+[B], descriptors [B, D], extra)``; later stages score sampled policies with
+exactly the function built here.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from brax import envs as brax_envs
+from brax.envs.wrappers import training as brax_training
+from qdax.core.containers.mapelites_repertoire import (
+    MapElitesRepertoire,
+    compute_cvt_centroids,
+    compute_euclidean_centroids,
+)
+from qdax.core.emitters.mutation_operators import isoline_variation
+from qdax.core.emitters.standard_emitters import MixingEmitter
+from qdax.core.map_elites import MAPElites
+from qdax.tasks.brax.descriptor_extractors import get_feet_contact_proportion
+from qdax.tasks.brax.v2 import reward_offset as QDAX_REWARD_OFFSET
+from qdax.tasks.brax.v2.env_creators import (
+    create_brax_scoring_fn,
+    get_mask_from_transitions,
+)
+from qdax.tasks.brax.v2.envs.base_env import QDEnv
+from qdax.tasks.brax.v2.wrappers.locomotion_wrappers import FeetContactWrapper
+from qdax.utils.metrics import default_qd_metrics
+
+from lpd.errors import LpdError
+
+__all__ = ["MapElitesRepertoire", "MAPElites", "ENVS"]
+
+# Feet-contact tasks: name -> Brax body. The descriptor is the fraction of
+# steps each foot touches the ground, in [0, 1].
+ENVS = {
+    "walker2d_uni": "walker2d",
+    "halfcheetah_uni": "halfcheetah",
+    "humanoid_uni": "humanoid",
+    "hopper_uni": "hopper",
+    "ant_uni": "ant",
+}
+BACKENDS = ("spring", "positional", "generalized", "mjx")
+EMITTERS = ("map_elites", "pga_me")
+
+
+class AntFeetContactWrapper(FeetContactWrapper):
+    """Feet contact for Brax's MJCF ant, whose lower legs have no names.
+
+    QDax names the ant's feet after Brax-v1 bodies ("$ Body 4", ...), which the
+    MJCF ant lacks, so QDax's descriptor would be empty. The ant's feet are the
+    four lower-leg links, each the child of a hip link ``aux_1`` .. ``aux_4``.
+    """
+
+    def __init__(self, env: brax_envs.Env, env_name: str):
+        super().__init__(env, env_name)
+        names, parents = env.sys.link_names, env.sys.link_parents
+        self._feet_idx = jnp.array(
+            [i for i, p in enumerate(parents) if p >= 0 and names[p].startswith("aux_")]
+        )
+
+
+def make_env(env_name: str, episode_length: int, backend: str) -> brax_envs.Env:
+    """A feet-contact task: a Brax body wrapped for descriptors and episodes.
+
+    No auto-reset: the scoring function masks every step after the first done.
+    """
+    if env_name not in ENVS:
+        raise LpdError(f"unknown env {env_name!r}; choose one of {sorted(ENVS)}")
+    if backend not in BACKENDS:
+        raise LpdError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    body = ENVS[env_name]
+    env = brax_envs.get_environment(body, backend=backend, debug=True)
+    wrapper = AntFeetContactWrapper if body == "ant" else FeetContactWrapper
+    env = wrapper(env, body)
+    return brax_training.EpisodeWrapper(env, episode_length, action_repeat=1)
+
+
+def descriptor_names(env: brax_envs.Env) -> list[str]:
+    """One name per descriptor dimension: the foot's link name."""
+    names = env.sys.link_names
+    idx = [int(i) for i in env._feet_idx]
+    return [names[i] or f"leg_{k + 1}" for k, i in enumerate(idx)]
+
+
+def fitness_offset(env_name: str, episode_length: int) -> float:
+    """Offset that makes episode returns non-negative, for QD scores."""
+    return float(QDAX_REWARD_OFFSET[env_name]) * episode_length
+
+
+def make_scoring_fn(
+    env: brax_envs.Env,
+    policy: Callable,
+    episode_length: int,
+    init_key: jax.Array,
+    sharding: jax.sharding.Sharding,
+) -> Callable:
+    """QDax's Brax scoring function, with the batch sharded over ``sharding``.
+
+    Every policy starts from the same initial state (drawn once from
+    ``init_key``), as in QDax's deterministic evaluation.
+    """
+    scoring_fn = create_brax_scoring_fn(
+        env,
+        policy,
+        get_feet_contact_proportion,
+        init_key,
+        episode_length=episode_length,
+        deterministic=True,
+    )
+
+    def sharded_scoring_fn(genotypes, key):
+        genotypes = jax.lax.with_sharding_constraint(genotypes, sharding)
+        return scoring_fn(genotypes, key)
+
+    return sharded_scoring_fn
+
+
+def observation_stats(transitions) -> tuple[jax.Array, jax.Array]:
+    """Mean and std ``[obs]`` of the observations of unmasked steps."""
+    valid = 1.0 - get_mask_from_transitions(transitions)
+    obs = transitions.obs
+    weights = valid[..., None] / jnp.sum(valid)
+    mean = jnp.sum(obs * weights, axis=(0, 1))
+    var = jnp.sum(jnp.square(obs - mean) * weights, axis=(0, 1))
+    return mean, jnp.sqrt(var + 1e-8)
+
+
+def make_centroids(
+    tessellation: str,
+    grid_shape: tuple[int, ...],
+    num_cvt_cells: int,
+    num_descriptors: int,
+    key: jax.Array,
+) -> jax.Array:
+    """Cell centroids ``[C, D]`` over ``[0, 1]^D``: a grid or a CVT."""
+    if tessellation == "grid":
+        if len(grid_shape) != num_descriptors:
+            raise LpdError(
+                f"archive.grid_shape has {len(grid_shape)} entries but the env has "
+                f"{num_descriptors} descriptor dimensions"
+            )
+        return compute_euclidean_centroids(grid_shape, 0.0, 1.0)
+    if tessellation == "cvt":
+        return compute_cvt_centroids(
+            num_descriptors, 50 * num_cvt_cells, num_cvt_cells, 0.0, 1.0, key
+        )
+    raise LpdError(f"unknown tessellation {tessellation!r}; choose 'grid' or 'cvt'")
+
+
+def _register_brax_v1_shim() -> None:
+    """Lets QDax 0.5.0's policy-gradient emitters import under brax 0.14.
+
+    They import ``qdax.tasks.brax.v1`` only for a type hint, and that package
+    needs ``brax.v1``, which brax 0.14 no longer ships (see shared/stack.md).
+    """
+    names = [
+        "qdax.tasks.brax.v1",
+        "qdax.tasks.brax.v1.envs",
+        "qdax.tasks.brax.v1.envs.base_env",
+    ]
+    for name in names:
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.QDEnv = QDEnv
+            sys.modules[name] = module
+
+
+def make_emitter(
+    emitter: str,
+    batch_size: int,
+    variation: dict,
+    pga: dict,
+    policy,
+    env: brax_envs.Env,
+):
+    """A QDax emitter producing ``batch_size`` offspring per iteration.
+
+    Args:
+        emitter: "map_elites" (isoline variation) or "pga_me".
+        batch_size: offspring per iteration.
+        variation: ``iso_sigma``, ``line_sigma`` of the isoline operator.
+        pga: PGA-ME settings (fields of QDax's ``PGAMEConfig``).
+        policy: the Flax policy module.
+        env: the task.
+    """
+    variation_fn = functools.partial(
+        isoline_variation,
+        iso_sigma=variation["iso_sigma"],
+        line_sigma=variation["line_sigma"],
+    )
+    if emitter == "map_elites":
+        return MixingEmitter(
+            mutation_fn=None,
+            variation_fn=variation_fn,
+            variation_percentage=1.0,
+            batch_size=batch_size,
+        )
+    if emitter == "pga_me":
+        _register_brax_v1_shim()
+        from qdax.core.emitters.pga_me_emitter import PGAMEConfig, PGAMEEmitter
+
+        config = PGAMEConfig(env_batch_size=batch_size, **pga)
+        return PGAMEEmitter(config, policy, env, variation_fn)
+    raise LpdError(f"unknown emitter {emitter!r}; choose one of {list(EMITTERS)}")
+
+
+def make_map_elites(scoring_fn: Callable, emitter, qd_offset: float) -> MAPElites:
+    """QDax's MAP-Elites with the standard QD metrics (coverage in %)."""
+    metrics_fn = functools.partial(default_qd_metrics, qd_offset=qd_offset)
+    return MAPElites(scoring_fn, emitter, metrics_fn)

@@ -1,0 +1,29 @@
+"""Test setup: two XLA host devices (so the sharded path is exercised), CPU only."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "experiments" / "configs"
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path() -> str:
+    return str(CONFIGS / "tiny.py")
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory, tiny_config_path):
+    """A workdir holding a completed tiny archive run (compiled once per session)."""
+    from lpd import archive
+    from lpd.config import load_config
+
+    workdir = tmp_path_factory.mktemp("tiny")
+    archive.run_archive_stage(load_config(tiny_config_path), workdir)
+    return workdir

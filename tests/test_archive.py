@@ -1,0 +1,115 @@
+"""The archive stage end to end on the tiny config (Brax rollouts)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from lpd import archive, archive_io, logs
+from lpd.config import load_config
+
+pytestmark = pytest.mark.brax
+
+
+def _assert_same_archive(a, b):
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_short_run_increases_coverage(tiny_archive):
+    rows = logs.read_metrics(tiny_archive / "archive")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[-1]["coverage"] > rows[0]["coverage"]
+    assert rows[-1]["max_fitness"] >= rows[0]["max_fitness"]
+
+
+def test_artifact_holds_archive_and_metadata(tiny_archive):
+    data, meta = archive_io.load_archive(tiny_archive)
+    cells = meta["num_cells"]
+    assert cells == 25 and data.centroids.shape == (cells, 2)
+    assert data.fitnesses.shape == (cells,) and data.descriptors.shape == (cells, 2)
+    assert meta["num_elites"] == int(np.sum(np.isfinite(data.fitnesses)))
+    kernel = data.params["params"]["Dense_0"]["kernel"]
+    assert kernel.shape == (cells, meta["policy"]["obs_size"], 8)
+    assert meta["layout"]["params/Dense_1/kernel"] == [8, meta["policy"]["action_size"]]
+    assert meta["env"] == "walker2d_uni" and meta["descriptor_names"] == ["foot", "foot_left"]
+    assert meta["fitness_offset"] > 0 and meta["versions"]["qdax"] == "0.5.0"
+    filled = np.isfinite(data.fitnesses)
+    assert np.all((data.descriptors[filled] >= 0) & (data.descriptors[filled] <= 1))
+    assert (tiny_archive / "archive" / "heatmap.png").stat().st_size > 1000
+    assert list((tiny_archive / "archive" / "tensorboard").iterdir())
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(
+    tiny_archive, tiny_config_path, tmp_path, monkeypatch
+):
+    class KilledAfterFirstChunk(Exception):
+        pass
+
+    real_write = logs.MetricsWriter.write
+
+    def write_then_die(self, step, metrics):
+        real_write(self, step, metrics)
+        if step == 2:  # The first chunk is checkpointed and logged: kill the run.
+            raise KilledAfterFirstChunk
+
+    config = load_config(tiny_config_path)
+    monkeypatch.setattr(logs.MetricsWriter, "write", write_then_die)
+    with pytest.raises(KilledAfterFirstChunk):
+        archive.run_archive_stage(config, tmp_path)
+    monkeypatch.setattr(logs.MetricsWriter, "write", real_write)
+    assert not (tmp_path / "archive" / "meta.json").exists()
+
+    archive.run_archive_stage(config, tmp_path)
+    resumed, _ = archive_io.load_archive(tmp_path)
+    uninterrupted, _ = archive_io.load_archive(tiny_archive)
+    _assert_same_archive(resumed, uninterrupted)
+    assert logs.read_metrics(tmp_path / "archive") == logs.read_metrics(
+        tiny_archive / "archive"
+    )
+
+
+def test_complete_stage_is_skipped(tiny_archive, tiny_config_path, capsys):
+    meta = tiny_archive / "archive" / "meta.json"
+    before = meta.stat().st_mtime_ns
+    archive.run_archive_stage(load_config(tiny_config_path), tiny_archive)
+    assert "skipping" in capsys.readouterr().out
+    assert meta.stat().st_mtime_ns == before
+
+
+def test_export_import_round_trip(tiny_archive, tmp_path):
+    out = archive_io.export_npz(tiny_archive, tmp_path / "a.npz")
+    with np.load(out, allow_pickle=False) as data:
+        assert "params/Dense_0/kernel" in data.files
+        assert json.loads(str(data["metadata"]))["env"] == "walker2d_uni"
+    imported, meta = archive_io.read_npz(out, archive.describe_env)
+    archive_io.save_archive(tmp_path / "w", imported, meta)
+    reloaded, meta2 = archive_io.load_archive(tmp_path / "w")
+    original, meta1 = archive_io.load_archive(tiny_archive)
+    _assert_same_archive(reloaded, original)
+    for key in ("env", "layout", "descriptor_names", "fitness_offset", "num_elites"):
+        assert meta2[key] == meta1[key]
+
+
+def test_ant_descriptor_has_four_feet_that_change_with_the_gait():
+    from lpd import policy as policy_lib
+    from lpd import qd
+    from lpd.devices import batch_sharding
+
+    env = qd.make_env("ant_uni", 100, "spring")
+    assert env.descriptor_length == 4
+    policy = policy_lib.Policy((16,), env.action_size)
+    params = policy_lib.init_policies(policy, env.observation_size, 8, jax.random.key(1))
+    # Scale the weights so that the policies differ strongly in their gaits.
+    params = jax.tree.map(lambda x: 4.0 * x, params)
+    scoring_fn = qd.make_scoring_fn(env, policy, 100, jax.random.key(0), batch_sharding(8))
+    _, descriptors, _ = jax.jit(scoring_fn)(params, jax.random.key(2))
+    descriptors = np.asarray(descriptors)
+    assert descriptors.shape == (8, 4)
+    assert np.all((descriptors >= 0) & (descriptors <= 1))
+    assert np.all(descriptors.std(axis=0) > 0.01), descriptors  # every foot varies
+    assert len(np.unique(descriptors.round(3), axis=0)) > 4
