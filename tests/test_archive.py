@@ -36,7 +36,10 @@ def test_artifact_holds_archive_and_metadata(tiny_archive):
     kernel = data.params["params"]["Dense_0"]["kernel"]
     assert kernel.shape == (cells, meta["policy"]["obs_size"], 8)
     assert meta["layout"]["params/Dense_1/kernel"] == [8, meta["policy"]["action_size"]]
-    assert meta["env"] == "walker2d_uni" and meta["descriptor_names"] == ["foot", "foot_left"]
+    assert meta["env"] == "walker2d_uni" and meta["descriptor_names"] == [
+        "foot",
+        "foot_left",
+    ]
     assert meta["fitness_offset"] > 0 and meta["versions"]["qdax"] == "0.5.0"
     filled = np.isfinite(data.fitnesses)
     assert np.all((data.descriptors[filled] >= 0) & (data.descriptors[filled] <= 1))
@@ -73,11 +76,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(
     )
 
 
-def test_complete_stage_is_skipped(tiny_archive, tiny_config_path, capsys):
+def test_complete_stage_is_skipped(tiny_archive, tiny_config_path, caplog):
     meta = tiny_archive / "archive" / "meta.json"
     before = meta.stat().st_mtime_ns
-    archive.run_archive_stage(load_config(tiny_config_path), tiny_archive)
-    assert "skipping" in capsys.readouterr().out
+    with caplog.at_level("INFO"):
+        archive.run_archive_stage(load_config(tiny_config_path), tiny_archive)
+    assert "skipping" in caplog.text
     assert meta.stat().st_mtime_ns == before
 
 
@@ -103,13 +107,52 @@ def test_ant_descriptor_has_four_feet_that_change_with_the_gait():
     env = qd.make_env("ant_uni", 100, "spring")
     assert env.descriptor_length == 4
     policy = policy_lib.Policy((16,), env.action_size)
-    params = policy_lib.init_policies(policy, env.observation_size, 8, jax.random.key(1))
+    params = policy_lib.init_policies(
+        policy, env.observation_size, 8, jax.random.key(1)
+    )
     # Scale the weights so that the policies differ strongly in their gaits.
     params = jax.tree.map(lambda x: 4.0 * x, params)
-    scoring_fn = qd.make_scoring_fn(env, policy, 100, jax.random.key(0), batch_sharding(8))
+    scoring_fn = qd.make_scoring_fn(
+        env, policy, 100, jax.random.key(0), batch_sharding(8)
+    )
     _, descriptors, _ = jax.jit(scoring_fn)(params, jax.random.key(2))
     descriptors = np.asarray(descriptors)
     assert descriptors.shape == (8, 4)
     assert np.all((descriptors >= 0) & (descriptors <= 1))
     assert np.all(descriptors.std(axis=0) > 0.01), descriptors  # every foot varies
     assert len(np.unique(descriptors.round(3), axis=0)) > 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # PGA-ME with an observation normaliser, shrunk to compile quickly.
+        [
+            "--config.archive.emitter=pga_me",
+            "--config.archive.normalise_obs=true",
+            "--config.archive.pga.replay_buffer_size=2000",
+            "--config.archive.pga.critic_hidden_layer_size=(16,16)",
+            "--config.archive.pga.num_critic_training_steps=2",
+            "--config.archive.pga.num_pg_training_steps=2",
+            "--config.archive.pga.batch_size=8",
+        ],
+        # A 1-D descriptor on CVT cells.
+        ["--config.archive.tessellation=cvt"],
+    ],
+    ids=["pga_me-normalised", "hopper-cvt"],
+)
+def test_variants_run_and_fill_cells(tiny_config_path, tmp_path, overrides):
+    arg = ":hopper_uni" if "cvt" in overrides[0] else ""
+    config = load_config(tiny_config_path + arg, overrides)
+    archive.run_archive_stage(config, tmp_path)
+    data, meta = archive_io.load_archive(tmp_path)
+    rows = logs.read_metrics(tmp_path / "archive")
+    assert rows[-1]["coverage"] >= rows[0]["coverage"] > 0
+    assert meta["num_elites"] == int(np.sum(np.isfinite(data.fitnesses))) > 0
+    if config.archive.normalise_obs:
+        std = np.asarray(data.params["params"]["obs_std"])[np.isfinite(data.fitnesses)]
+        assert std.shape[1] == meta["policy"]["obs_size"]
+        assert not np.allclose(std, 1.0)  # fitted from rollouts, not the default
+    else:
+        assert data.centroids.shape == (16, 1)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,8 @@ from lpd.config import config_to_dict, diff_configs
 from lpd.devices import batch_sharding
 from lpd.errors import LpdError
 from lpd.logs import MetricsWriter, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +81,9 @@ class SearchFns(NamedTuple):
     env: object
     policy: policy_lib.Policy
     scoring_fn: Callable
-    init_fn: Callable  # (genotypes, centroids, key) -> (repertoire, emitter_state, metrics)
+    init_fn: (
+        Callable  # (genotypes, centroids, key) -> (repertoire, emitter_state, metrics)
+    )
     chunk_fn: Callable  # (repertoire, emitter_state, start, key) -> (..., metrics [P])
 
 
@@ -202,7 +208,7 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     config_dict = config_to_dict(config)
     _check_config(directory, config_dict)
     if (directory / "meta.json").exists():
-        print(f"archive: complete in {directory}, skipping")
+        log.info("archive: complete in %s, skipping", directory)
         return directory
     _validate(config)
     c = config.archive
@@ -231,7 +237,9 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     repertoire, emitter_state, start = _start_or_resume(
         fns, spec, meta, centroids, (key_policies, key_init), directory
     )
-    repertoire = _search(fns, (repertoire, emitter_state), start, c, key_search, directory)
+    repertoire = _search(
+        fns, (repertoire, emitter_state), start, c, key_search, directory
+    )
 
     archive = archive_io.Archive(
         params=repertoire.genotypes,
@@ -257,7 +265,9 @@ def _checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=2, enable_async_checkpointing=False
     )
-    return ocp.CheckpointManager((directory / "checkpoints").absolute(), options=options)
+    return ocp.CheckpointManager(
+        (directory / "checkpoints").absolute(), options=options
+    )
 
 
 def _start_or_resume(fns, spec, meta, centroids, keys, directory):
@@ -269,7 +279,9 @@ def _start_or_resume(fns, spec, meta, centroids, keys, directory):
     with _checkpoint_manager(directory) as manager:
         step = manager.latest_step()
         if step is None:
-            repertoire, emitter_state, metrics = fns.init_fn(genotypes, centroids, key_init)
+            repertoire, emitter_state, metrics = fns.init_fn(
+                genotypes, centroids, key_init
+            )
             state = {"repertoire": repertoire, "emitter_state": emitter_state}
             manager.save(0, args=ocp.args.StandardSave(state))
             writer = MetricsWriter(directory)
@@ -285,7 +297,7 @@ def _start_or_resume(fns, spec, meta, centroids, keys, directory):
                 f"checkpoint {step} in {directory / 'checkpoints'} is corrupt or "
                 f"incompatible ({type(e).__name__}); delete that directory to restart"
             ) from e
-    print(f"archive: resuming from iteration {step}")
+    log.info("archive: resuming from iteration %d", step)
     return state["repertoire"], state["emitter_state"], step
 
 
@@ -305,9 +317,13 @@ def _search(fns, state, start, c, key, directory):
                 manager.save(end, args=ocp.args.StandardSave(state))
                 metrics = jax.device_get(metrics)
                 if not np.isfinite(metrics["qd_score"]).all():
-                    raise LpdError(f"archive: QD score is not finite at iteration {end}")
+                    raise LpdError(
+                        f"archive: QD score is not finite at iteration {end}"
+                    )
                 for i in range(c.log_period):
-                    writer.write(chunk_start + i + 1, {k: v[i] for k, v in metrics.items()})
+                    writer.write(
+                        chunk_start + i + 1, {k: v[i] for k, v in metrics.items()}
+                    )
                 last = {k: float(v[-1]) for k, v in metrics.items()}
                 bar.set_postfix(
                     coverage=f"{last['coverage']:.1f}%",

@@ -8,6 +8,7 @@ Errors in the user's input print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -23,19 +24,26 @@ def _set_host_devices() -> None:
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
-        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        if hasattr(os, "sched_getaffinity"):
+            count = len(os.sched_getaffinity(0))
+        else:
+            count = os.cpu_count() or 1
         os.environ["XLA_FLAGS"] = (
             f"{flags} --xla_force_host_platform_device_count={count}".strip()
         )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lpd", usage=USAGE, description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="lpd",
+        usage=USAGE,
+        description="lpd: latent policy diffusion, one subcommand per stage.",
+    )
     commands = parser.add_subparsers(dest="command", metavar="<command>")
     stage = commands.add_parser(
         "archive",
         help="run quality-diversity search and write <workdir>/archive",
-        description="Run (or resume) the QD search; extra --config.a.b=v override fields.",
+        description="Run (or resume) the QD search; --config.a.b=v overrides a field.",
     )
     stage.add_argument("--config", required=True, help="config file, path.py[:arg]")
     stage.add_argument("--workdir", required=True, help="directory of the run")
@@ -62,7 +70,9 @@ def run(argv: list[str]) -> int:
     overrides = [a for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
-        raise LpdError(f"unrecognised arguments: {' '.join(unknown)} (see lpd {args.command} -h)")
+        raise LpdError(
+            f"unrecognised arguments: {' '.join(unknown)} (see lpd {args.command} -h)"
+        )
     if overrides and args.command != "archive":
         raise LpdError(f"lpd {args.command} takes no --config overrides")
 
@@ -93,6 +103,13 @@ def run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
     _set_host_devices()
+    logger = logging.getLogger("lpd")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # absl/orbax may configure the root logger too.
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except LpdError as e:

@@ -65,7 +65,9 @@ def _axis_label(names: list[str], dims: list[int]) -> str:
     return " / ".join(parts) + " (outer / inner)"
 
 
-def plot_archive_heatmap(archive, meta: dict, path: Path, ax=None, vmin=None, vmax=None):
+def plot_archive_heatmap(
+    archive, meta: dict, path: Path, ax=None, vmin=None, vmax=None
+):
     """Writes a fitness heatmap of ``archive`` to ``path`` (PNG).
 
     With ``ax`` given, draws there instead and writes nothing; ``vmin`` and

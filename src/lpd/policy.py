@@ -8,7 +8,7 @@ A *layout* maps each leaf's ``/``-joined path to its shape for one policy.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax

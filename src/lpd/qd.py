@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 import types
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
