@@ -35,6 +35,7 @@ lint: setup  ## ruff lint and format check
 
 bench: setup  ## benchmarks -> benchmarks/results/*.json
 	$(BIN)/python benchmarks/bench_archive.py
+	$(BIN)/python benchmarks/bench_codec.py
 
 clean:  ## remove the venv and run outputs
 	rm -rf $(VENV) runs

@@ -48,8 +48,37 @@ def get_archive_config() -> ml_collections.ConfigDict:
     )
 
 
+def get_codec_config() -> ml_collections.ConfigDict:
+    """Weight-codec settings shared by every experiment config."""
+    return ml_collections.ConfigDict(
+        dict(
+            latent_dim=64,
+            encoder_features=64,  # per-tensor encoder width
+            encoder_hidden=256,
+            decoder_hidden=256,  # decoder trunk width
+            row_features=128,  # per-row generator width
+            basis_dim=64,  # full-size basis tensors in the decoder (0: none)
+            num_steps=4000,
+            log_period=200,  # steps per jitted chunk / log / checkpoint
+            batch_size=64,
+            learning_rate=1e-3,
+            warmup_steps=200,
+            weight_decay=0.0,
+            grad_clip=1.0,
+            kl_weight=1e-6,
+            input_noise=0.01,  # on standardised weights
+            latent_noise=0.01,
+            functional_weight=0.0,  # > 0 adds the action-matching term
+            obs_per_policy=64,  # observations per elite for that term
+            eval_episodes=8,  # episodes per policy in the reconstruction report
+            eval_batch_size=256,  # policies per evaluation call
+        )
+    )
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.archive = get_archive_config()
+    config.codec = get_codec_config()
     return config

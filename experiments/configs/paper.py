@@ -38,4 +38,6 @@ def get_config(env: str = "walker2d") -> ml_collections.ConfigDict:
         grid_shape=GRIDS[env],
         num_cvt_cells=10_000,
     )
+    config.codec = default.get_codec_config()
+    config.codec.update(num_steps=20_000, eval_episodes=50, eval_batch_size=1024)
     return config

@@ -25,4 +25,20 @@ def get_config(env: str = "walker2d_uni") -> ml_collections.ConfigDict:
         grid_shape=(5,) * {"hopper_uni": 1, "ant_uni": 4}.get(env, 2),
         num_cvt_cells=16,
     )
+    config.codec = default.get_codec_config()
+    config.codec.update(
+        latent_dim=8,
+        encoder_features=8,
+        encoder_hidden=32,
+        decoder_hidden=32,
+        row_features=16,
+        basis_dim=4,
+        num_steps=40,
+        log_period=20,
+        batch_size=8,
+        warmup_steps=5,
+        eval_episodes=2,
+        eval_batch_size=16,
+        obs_per_policy=8,
+    )
     return config

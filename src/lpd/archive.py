@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from lpd import archive_io, plots, qd
 from lpd import policy as policy_lib
-from lpd.config import config_to_dict, diff_configs
+from lpd.config import check_stage_config, config_to_dict
 from lpd.devices import batch_sharding
 from lpd.errors import LpdError
 from lpd.logs import MetricsWriter, write_json_atomic
@@ -143,12 +142,18 @@ def make_search_fns(spec: SearchSpec) -> SearchFns:
     )
 
 
-def describe_env(meta: dict) -> dict:
-    """Adds to ``meta`` what the env and policy settings determine."""
+def make_task(meta: dict) -> tuple[object, policy_lib.Policy]:
+    """The env and policy module an archive's metadata describes."""
     env = qd.make_env(meta["env"], int(meta["episode_length"]), meta["backend"])
     hidden = tuple(int(h) for h in meta["policy"]["hidden_sizes"])
     normalise = bool(meta["policy"].get("normalise_obs", False))
-    policy = policy_lib.Policy(hidden, env.action_size, normalise)
+    return env, policy_lib.Policy(hidden, env.action_size, normalise)
+
+
+def describe_env(meta: dict) -> dict:
+    """Adds to ``meta`` what the env and policy settings determine."""
+    env, policy = make_task(meta)
+    hidden, normalise = policy.hidden_sizes, policy.normalise_obs
     layout = policy_lib.policy_layout(policy, env.observation_size)
     names = qd.descriptor_names(env)
     return {
@@ -167,22 +172,6 @@ def describe_env(meta: dict) -> dict:
         },
         "layout": {path: list(shape) for path, shape in layout.items()},
     }
-
-
-def _check_config(directory: Path, config_dict: dict) -> None:
-    """Refuses a workdir whose archive was made with another config."""
-    path = directory / "config.json"
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    diffs = diff_configs(old.get("archive", {}), config_dict["archive"], "archive")
-    if old.get("seed") != config_dict["seed"]:
-        diffs.append(f"seed: {old.get('seed')!r} -> {config_dict['seed']!r}")
-    if diffs:
-        raise LpdError(
-            f"{directory} was made with a different config ({'; '.join(diffs[:3])}); "
-            "use another --workdir or delete that directory"
-        )
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
@@ -206,7 +195,7 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     """
     directory = archive_io.archive_dir(workdir)
     config_dict = config_to_dict(config)
-    _check_config(directory, config_dict)
+    check_stage_config(directory, config_dict, "archive")
     if (directory / "meta.json").exists():
         log.info("archive: complete in %s, skipping", directory)
         return directory

@@ -57,6 +57,13 @@ class Archive:
         return self.fitnesses > -np.inf
 
 
+def elites(archive: Archive) -> tuple[np.ndarray, dict]:
+    """Indices ``[N]`` of the filled cells and their flat params ``{path: [N, ...]}``."""
+    idx = np.flatnonzero(np.asarray(archive.filled))
+    flat = policy_lib.flatten_params(archive.params)
+    return idx, {p: np.asarray(x)[idx] for p, x in flat.items()}
+
+
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages that produced an artifact."""
     versions = {}

@@ -14,6 +14,7 @@ import sys
 
 from lpd.errors import LpdError
 
+STAGES = ("archive", "train-codec")
 USAGE = "lpd <command> [options]; `lpd <command> -h` for help"
 
 
@@ -47,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     stage.add_argument("--config", required=True, help="config file, path.py[:arg]")
     stage.add_argument("--workdir", required=True, help="directory of the run")
+    codec = commands.add_parser(
+        "train-codec",
+        help="train the weight codec on <workdir>/archive; write <workdir>/codec",
+        description="Train (or resume) the codec; --config.a.b=v overrides a field.",
+    )
+    codec.add_argument("--config", required=True, help="config file, path.py[:arg]")
+    codec.add_argument("--workdir", required=True, help="directory of the run")
     export = commands.add_parser(
         "export-archive", help="write the archive of a workdir as a documented .npz"
     )
@@ -73,7 +81,7 @@ def run(argv: list[str]) -> int:
         raise LpdError(
             f"unrecognised arguments: {' '.join(unknown)} (see lpd {args.command} -h)"
         )
-    if overrides and args.command != "archive":
+    if overrides and args.command not in STAGES:
         raise LpdError(f"lpd {args.command} takes no --config overrides")
 
     if args.command == "archive":
@@ -83,6 +91,13 @@ def run(argv: list[str]) -> int:
         config = load_config(args.config, overrides)
         directory = archive.run_archive_stage(config, args.workdir)
         print(f"archive: written to {directory}")
+    elif args.command == "train-codec":
+        from lpd import codec_stage
+        from lpd.config import load_config
+
+        config = load_config(args.config, overrides)
+        directory = codec_stage.run_codec_stage(config, args.workdir)
+        print(f"train-codec: written to {directory}")
     elif args.command == "export-archive":
         from lpd import archive_io
 

@@ -111,3 +111,26 @@ def diff_configs(old: dict, new: dict, prefix: str = "config") -> list[str]:
         elif a != b:
             diffs.append(f"{prefix}.{key}: {a!r} -> {b!r}")
     return diffs
+
+
+def check_stage_config(directory, config_dict: dict, section: str) -> None:
+    """Refuses a stage directory made with another ``config.<section>`` or seed.
+
+    Args:
+        directory: the stage's directory (``<workdir>/<stage>``).
+        config_dict: the current config as a dict.
+        section: the config section the stage reads.
+    """
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    diffs = diff_configs(old.get(section, {}), config_dict[section], section)
+    if old.get("seed") != config_dict["seed"]:
+        diffs.append(f"seed: {old.get('seed')!r} -> {config_dict['seed']!r}")
+    if diffs:
+        raise LpdError(
+            f"{directory} was made with a different config ({'; '.join(diffs[:3])}); "
+            "use another --workdir or delete that directory"
+        )

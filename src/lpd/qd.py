@@ -35,6 +35,7 @@ from qdax.tasks.brax.v2.envs.base_env import QDEnv
 from qdax.tasks.brax.v2.wrappers.locomotion_wrappers import FeetContactWrapper
 from qdax.utils.metrics import default_qd_metrics
 
+from lpd.devices import batch_sharding
 from lpd.errors import LpdError
 
 __all__ = ["MapElitesRepertoire", "MAPElites", "ENVS"]
@@ -217,3 +218,60 @@ def make_map_elites(scoring_fn: Callable, emitter, qd_offset: float) -> MAPElite
     """QDax's MAP-Elites with the standard QD metrics (coverage in %)."""
     metrics_fn = functools.partial(default_qd_metrics, qd_offset=qd_offset)
     return MAPElites(scoring_fn, emitter, metrics_fn)
+
+
+def make_episodes_eval_fn(
+    env: brax_envs.Env,
+    policy,
+    episode_length: int,
+    num_episodes: int,
+    batch_size: int,
+) -> Callable:
+    """Jitted ``(params [B], key) -> (returns [B], descriptors [B, D])``.
+
+    Each policy runs ``num_episodes`` episodes from random resets with QDax's
+    Brax scoring function (the one that built the archive, in its stochastic
+    form); returns and descriptors are averaged over the episodes. The
+    ``B * num_episodes`` rollouts are sharded over the local devices.
+    """
+    scoring_fn = create_brax_scoring_fn(
+        env,
+        policy,
+        get_feet_contact_proportion,
+        jax.random.key(0),  # Unused: resets are drawn from the call's key.
+        episode_length=episode_length,
+        deterministic=False,
+    )
+    sharding = batch_sharding(batch_size * num_episodes)
+
+    def eval_fn(params, key):
+        repeated = jax.tree.map(lambda x: jnp.repeat(x, num_episodes, axis=0), params)
+        repeated = jax.lax.with_sharding_constraint(repeated, sharding)
+        returns, descriptors, _ = scoring_fn(repeated, key)
+        returns = returns.reshape(batch_size, num_episodes).mean(axis=1)
+        descriptors = descriptors.reshape(batch_size, num_episodes, -1).mean(axis=1)
+        return returns, descriptors
+
+    return jax.jit(eval_fn)
+
+
+def collect_observations(scoring_fn: Callable, params, num_obs: int, key):
+    """``[B, num_obs, obs]`` observations sampled from each policy's own rollout.
+
+    ``scoring_fn`` is a QDax scoring function returning ``transitions``; the
+    observations are drawn uniformly (with replacement) from the steps before
+    each episode ended.
+    """
+    key_score, key_pick = jax.random.split(key)
+    _, _, extra = scoring_fn(params, key_score)
+    transitions = extra["transitions"]
+    valid = 1.0 - get_mask_from_transitions(transitions)
+    keys = jax.random.split(key_pick, valid.shape[0])
+
+    def pick(obs, weights, key):
+        idx = jax.random.choice(
+            key, obs.shape[0], (num_obs,), p=weights / weights.sum()
+        )
+        return obs[idx]
+
+    return jax.vmap(pick)(transitions.obs, valid, keys)

@@ -1,0 +1,308 @@
+"""Stage 2: train the weight codec on the archive's elites (``lpd train-codec``).
+
+Reads ``<workdir>/archive``; writes ``<workdir>/codec/``:
+
+- ``model/``: orbax checkpoint of ``{"params": codec params, "stats": Standardiser}``;
+- ``latents.npz``: ``latents [N, L]`` (encoder means times ``scale``, so unit
+  variance), ``scale`` (scalar), ``cells [N]`` (archive cell of each elite),
+  ``descriptors [N, D]``, ``fitnesses [N]``;
+- ``reconstruction.json``: decoded elites rolled out beside the originals;
+- ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``, ``config.json``;
+- ``meta.json``, written last: its presence marks the stage complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from lpd import archive as archive_lib
+from lpd import archive_io, evaluation, qd
+from lpd import codec as codec_lib
+from lpd import codec_train
+from lpd import policy as policy_lib
+from lpd.config import check_stage_config, config_to_dict
+from lpd.devices import batch_sharding
+from lpd.errors import LpdError
+from lpd.logs import MetricsWriter, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STAGE_KEY = 1  # fold_in(seed key, STAGE_KEY): this stage's keys differ from others'.
+
+
+def codec_dir(workdir) -> Path:
+    return Path(workdir) / "codec"
+
+
+def make_model(c: ml_collections.ConfigDict, layout) -> codec_lib.Codec:
+    """The codec module a config's ``codec`` section describes."""
+    return codec_lib.Codec(
+        layout=codec_lib.as_layout(layout),
+        latent_dim=c.latent_dim,
+        encoder_features=c.encoder_features,
+        encoder_hidden=c.encoder_hidden,
+        decoder_hidden=c.decoder_hidden,
+        row_features=c.row_features,
+        basis_dim=c.basis_dim,
+    )
+
+
+def _validate(c: ml_collections.ConfigDict) -> None:
+    if c.num_steps <= 0 or c.log_period <= 0 or c.num_steps % c.log_period:
+        raise LpdError(
+            f"codec.num_steps ({c.num_steps}) must be a positive multiple of "
+            f"codec.log_period ({c.log_period})"
+        )
+    for name in ("latent_dim", "batch_size", "eval_episodes", "eval_batch_size"):
+        if c[name] <= 0:
+            raise LpdError(f"codec.{name} must be > 0, got {c[name]}")
+
+
+def run_codec_stage(config: ml_collections.ConfigDict, workdir) -> Path:
+    """Trains (or resumes, or skips when complete) the codec; returns its dir."""
+    directory = codec_dir(workdir)
+    config_dict = config_to_dict(config)
+    check_stage_config(directory, config_dict, "codec")
+    if (directory / "meta.json").exists():
+        log.info("codec: complete in %s, skipping", directory)
+        return directory
+    c = config.codec
+    _validate(c)
+    archive, archive_meta = archive_io.load_archive(workdir)
+    idx, flat = archive_io.elites(archive)
+    if len(idx) < 2:
+        raise LpdError(f"the archive holds {len(idx)} elites; the codec needs >= 2")
+    env, policy = archive_lib.make_task(archive_meta)
+    key = jax.random.fold_in(jax.random.key(config.seed), STAGE_KEY)
+    key_obs, key_init, key_train, key_eval = jax.random.split(key, 4)
+
+    stats = codec_lib.fit_standardiser(flat)
+    obs, actions = _behaviour_data(c, archive_meta, env, policy, flat, key_obs)
+    data = codec_train.CodecData(codec_lib.standardise(stats, flat), obs, actions)
+    model = make_model(c, archive_meta["layout"])
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(directory / "config.json", config_dict)
+
+    params = _train(c, model, policy, stats, data, (key_init, key_train), directory)
+    with ocp.StandardCheckpointer() as checkpointer:
+        target = (directory / "model").absolute()
+        if target.exists():  # Left by an interrupted finish; meta.json is absent.
+            shutil.rmtree(target)
+        checkpointer.save(target, {"params": params, "stats": stats})
+    scale = _write_latents(model, params, data, archive, idx, directory)
+    report = reconstruction_report(
+        c, model, params, stats, flat, (env, policy), archive, key_eval
+    )
+    report["archive_elites"] = int(len(idx))
+    write_json_atomic(directory / "reconstruction.json", report)
+    log.info(
+        "codec: reward ratio %.3f, coverage ratio %.3f, decoder %d params",
+        report["reward_ratio"],
+        report["coverage_ratio"],
+        report["decoder_params"],
+    )
+    meta = {
+        "latent_dim": c.latent_dim,
+        "latent_scale": scale,
+        "num_elites": int(len(idx)),
+        "layout": archive_meta["layout"],
+        "decoder_params": report["decoder_params"],
+        "standardiser_params": report["standardiser_params"],
+        "versions": archive_io.package_versions(),
+        "config": config_dict,
+    }
+    write_json_atomic(directory / "meta.json", meta)
+    return directory
+
+
+def _behaviour_data(c, archive_meta, env, policy, flat, key):
+    """Observations from each elite's own rollout and its actions there.
+
+    Without the functional loss term, placeholders of one zero observation.
+    """
+    num = next(iter(flat.values())).shape[0]
+    if c.functional_weight <= 0:
+        obs_size = archive_meta["policy"]["obs_size"]
+        act_size = archive_meta["policy"]["action_size"]
+        return jnp.zeros((num, 1, obs_size)), jnp.zeros((num, 1, act_size))
+    key_reset, key_collect = jax.random.split(key)
+    batch = c.eval_batch_size
+    scoring_fn = qd.make_scoring_fn(
+        env, policy, archive_meta["episode_length"], key_reset, batch_sharding(batch)
+    )
+
+    @jax.jit
+    def collect(params, key):
+        obs = qd.collect_observations(scoring_fn, params, c.obs_per_policy, key)
+        return obs, jax.vmap(policy.apply)(params, obs)
+
+    params = policy_lib.unflatten_params(flat)
+    obs, actions = evaluation.map_in_batches(
+        collect, params, batch, key_collect, "codec: collect observations"
+    )
+    return jnp.asarray(obs), jnp.asarray(actions)
+
+
+def _checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(
+        (directory / "checkpoints").absolute(), options=options
+    )
+
+
+def _train(c, model, policy, stats, data, keys, directory):
+    """Runs (or resumes) training in jitted chunks; returns the final params."""
+    key_init, key_train = keys
+    optimizer = codec_train.make_optimizer(
+        c.learning_rate, c.warmup_steps, c.num_steps, c.weight_decay, c.grad_clip
+    )
+    weights = codec_train.LossWeights(
+        c.kl_weight, c.input_noise, c.latent_noise, c.functional_weight
+    )
+    chunk_fn = codec_train.make_train_chunk(
+        model, policy, optimizer, weights, c.log_period, c.batch_size
+    )
+    example = jax.tree.map(lambda x: x[0], data.inputs)
+
+    def init_state():
+        params = model.init(key_init, example)
+        return codec_train.TrainState(params, optimizer.init(params))
+
+    with _checkpoint_manager(directory) as manager:
+        start = manager.latest_step()
+        if start is None:
+            state, start = init_state(), 0
+            manager.save(0, args=ocp.args.StandardSave(state._asdict()))
+        else:
+            template = jax.eval_shape(init_state)._asdict()
+            try:
+                restored = manager.restore(
+                    start, args=ocp.args.StandardRestore(template)
+                )
+            except Exception as e:  # orbax raises many types for damaged files.
+                raise LpdError(
+                    f"checkpoint {start} in {directory / 'checkpoints'} is corrupt or "
+                    f"incompatible ({type(e).__name__}); delete that directory to restart"
+                ) from e
+            state = codec_train.TrainState(**restored)
+            log.info("codec: resuming from step %d", start)
+        writer = MetricsWriter(directory, resume_step=start)
+        bar = tqdm(total=c.num_steps, initial=start, desc="codec", unit="step")
+        try:
+            for chunk_start in range(start, c.num_steps, c.log_period):
+                state, metrics = chunk_fn(
+                    state, data, stats, jnp.int32(chunk_start), key_train
+                )
+                metrics = jax.device_get(metrics)
+                end = chunk_start + c.log_period
+                if not np.isfinite(metrics["loss"]):
+                    raise LpdError(
+                        f"codec: loss is {metrics['loss']} at step {end}; lower "
+                        "codec.learning_rate or raise codec.grad_clip, then delete "
+                        f"{directory} and rerun"
+                    )
+                manager.save(end, args=ocp.args.StandardSave(state._asdict()))
+                writer.write(end, metrics)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}",
+                    recon=f"{metrics['reconstruction']:.4f}",
+                    **(
+                        {"func": f"{metrics['functional']:.2e}"}
+                        if "functional" in metrics
+                        else {}
+                    ),
+                )
+                bar.update(c.log_period)
+        finally:
+            bar.close()
+            writer.close()
+    return state.params
+
+
+def encode_means(model, params, inputs) -> jax.Array:
+    """Latent means ``[N, L]`` of standardised inputs ``[N, ...]``."""
+    encode = jax.jit(jax.vmap(lambda x: model.apply(params, x, method="encode")[0]))
+    return encode(inputs)
+
+
+def _write_latents(model, params, data, archive, idx, directory) -> float:
+    """Writes ``latents.npz`` (unit-variance latents); returns the scale."""
+    means = np.asarray(encode_means(model, params, data.inputs))
+    scale = float(1.0 / np.std(means))
+    tmp = directory / "latents.npz.tmp"
+    with tmp.open("wb") as f:
+        np.savez(
+            f,
+            latents=(means * scale).astype(np.float32),
+            scale=np.float32(scale),
+            cells=idx.astype(np.int32),
+            descriptors=np.asarray(archive.descriptors)[idx],
+            fitnesses=np.asarray(archive.fitnesses)[idx],
+        )
+    os.replace(tmp, directory / "latents.npz")
+    return scale
+
+
+def reconstruction_report(c, model, params, stats, flat, task, archive, key) -> dict:
+    """Decodes every elite and rolls both sets out with the same episodes.
+
+    Returns reward/coverage ratios, measure error, per-tensor relative error
+    and parameter counts.
+    """
+    env, policy = task
+    inputs = codec_lib.standardise(stats, flat)
+    reconstruct = jax.jit(
+        lambda x: codec_lib.unstandardise(
+            stats, jax.vmap(lambda v: model.apply(params, v))(x)
+        )
+    )
+    decoded = evaluation.map_in_batches(
+        lambda x, _: reconstruct(x), inputs, c.eval_batch_size, key
+    )
+    relative = {
+        p: float(np.linalg.norm(decoded[p] - flat[p]) / np.linalg.norm(flat[p]))
+        for p in sorted(flat)
+    }
+    eval_fn = qd.make_episodes_eval_fn(
+        env, policy, env.episode_length, c.eval_episodes, c.eval_batch_size
+    )
+    original = evaluation.map_in_batches(
+        eval_fn,
+        policy_lib.unflatten_params(flat),
+        c.eval_batch_size,
+        key,
+        "codec: evaluate originals",
+    )
+    generated = evaluation.map_in_batches(
+        eval_fn,
+        policy_lib.unflatten_params(decoded),
+        c.eval_batch_size,
+        key,
+        "codec: evaluate decoded",
+    )
+    report = evaluation.fidelity(original, generated, np.asarray(archive.centroids))
+    per_policy = policy_lib.count_params({p: x.shape[1:] for p, x in flat.items()})
+    num = next(iter(flat.values())).shape[0]
+    decoder_params = codec_lib.count_decoder_params(params)
+    report.update(
+        eval_episodes=c.eval_episodes,
+        relative_error=relative,
+        decoder_params=decoder_params,
+        standardiser_params=2 * per_policy,
+        params_per_policy=per_policy,
+        archive_params=per_policy * num,
+        compression_ratio_decoder=per_policy * num / (decoder_params + 2 * per_policy),
+    )
+    return report
