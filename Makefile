@@ -22,9 +22,11 @@ setup: $(STAMP)  ## create .venv and install the pinned stack (once)
 
 run: setup  ## run the default pipeline on CPU into runs/default
 	$(BIN)/lpd archive --config $(CONFIG) --workdir $(WORKDIR)
+	$(BIN)/lpd train-codec --config $(CONFIG) --workdir $(WORKDIR)
 
 smoke: setup  ## run the pipeline on the tiny config into runs/smoke
 	$(BIN)/lpd archive --config experiments/configs/tiny.py --workdir runs/smoke
+	$(BIN)/lpd train-codec --config experiments/configs/tiny.py --workdir runs/smoke
 
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest -q

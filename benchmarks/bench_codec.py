@@ -1,4 +1,4 @@
-"""Codec throughput: encode / decode (policies per second) and training steps per second.
+"""Codec throughput: encode and decode (policies/s), training steps/s.
 
     python benchmarks/bench_codec.py [--config FILE[:ARG]] [--config.x.y=v ...]
 

@@ -20,10 +20,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from lpd import archive_io, plots, qd
+from lpd import archive_io, checkpoints, plots, qd
 from lpd import policy as policy_lib
 from lpd.config import check_stage_config, config_to_dict
 from lpd.devices import batch_sharding
@@ -250,42 +249,27 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     return directory
 
 
-def _checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=2, enable_async_checkpointing=False
-    )
-    return ocp.CheckpointManager(
-        (directory / "checkpoints").absolute(), options=options
-    )
-
-
 def _start_or_resume(fns, spec, meta, centroids, keys, directory):
     """Initial state (checkpointed as step 0), or the last checkpoint's."""
     key_policies, key_init = keys
     genotypes = policy_lib.init_policies(
         fns.policy, meta["policy"]["obs_size"], spec.batch_size, key_policies
     )
-    with _checkpoint_manager(directory) as manager:
+    with checkpoints.checkpoint_manager(directory) as manager:
         step = manager.latest_step()
         if step is None:
             repertoire, emitter_state, metrics = fns.init_fn(
                 genotypes, centroids, key_init
             )
             state = {"repertoire": repertoire, "emitter_state": emitter_state}
-            manager.save(0, args=ocp.args.StandardSave(state))
+            checkpoints.save(manager, 0, state)
             writer = MetricsWriter(directory)
             writer.write(0, jax.device_get(metrics))
             writer.close()
             return repertoire, emitter_state, 0
         template = jax.eval_shape(fns.init_fn, genotypes, centroids, key_init)[:2]
         template = {"repertoire": template[0], "emitter_state": template[1]}
-        try:
-            state = manager.restore(step, args=ocp.args.StandardRestore(template))
-        except Exception as e:  # orbax raises many types for damaged files.
-            raise LpdError(
-                f"checkpoint {step} in {directory / 'checkpoints'} is corrupt or "
-                f"incompatible ({type(e).__name__}); delete that directory to restart"
-            ) from e
+        state = checkpoints.restore(manager, step, template, directory)
     log.info("archive: resuming from iteration %d", step)
     return state["repertoire"], state["emitter_state"], step
 
@@ -296,14 +280,14 @@ def _search(fns, state, start, c, key, directory):
     writer = MetricsWriter(directory, resume_step=start)
     bar = tqdm(total=c.num_iterations, initial=start, desc="archive", unit="it")
     try:
-        with _checkpoint_manager(directory) as manager:
+        with checkpoints.checkpoint_manager(directory) as manager:
             for chunk_start in range(start, c.num_iterations, c.log_period):
                 repertoire, emitter_state, metrics = fns.chunk_fn(
                     repertoire, emitter_state, jnp.int32(chunk_start), key
                 )
                 end = chunk_start + c.log_period
                 state = {"repertoire": repertoire, "emitter_state": emitter_state}
-                manager.save(end, args=ocp.args.StandardSave(state))
+                checkpoints.save(manager, end, state)
                 metrics = jax.device_get(metrics)
                 if not np.isfinite(metrics["qd_score"]).all():
                     raise LpdError(

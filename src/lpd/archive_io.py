@@ -58,7 +58,7 @@ class Archive:
 
 
 def elites(archive: Archive) -> tuple[np.ndarray, dict]:
-    """Indices ``[N]`` of the filled cells and their flat params ``{path: [N, ...]}``."""
+    """Indices ``[N]`` of the filled cells and their params ``{path: [N, ...]}``."""
     idx = np.flatnonzero(np.asarray(archive.filled))
     flat = policy_lib.flatten_params(archive.params)
     return idx, {p: np.asarray(x)[idx] for p, x in flat.items()}

@@ -26,9 +26,8 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from lpd import archive as archive_lib
-from lpd import archive_io, evaluation, qd
+from lpd import archive_io, checkpoints, codec_train, evaluation, qd
 from lpd import codec as codec_lib
-from lpd import codec_train
 from lpd import policy as policy_lib
 from lpd.config import check_stage_config, config_to_dict
 from lpd.devices import batch_sharding
@@ -153,15 +152,6 @@ def _behaviour_data(c, archive_meta, env, policy, flat, key):
     return jnp.asarray(obs), jnp.asarray(actions)
 
 
-def _checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=2, enable_async_checkpointing=False
-    )
-    return ocp.CheckpointManager(
-        (directory / "checkpoints").absolute(), options=options
-    )
-
-
 def _train(c, model, policy, stats, data, keys, directory):
     """Runs (or resumes) training in jitted chunks; returns the final params."""
     key_init, key_train = keys
@@ -180,22 +170,14 @@ def _train(c, model, policy, stats, data, keys, directory):
         params = model.init(key_init, example)
         return codec_train.TrainState(params, optimizer.init(params))
 
-    with _checkpoint_manager(directory) as manager:
+    with checkpoints.checkpoint_manager(directory) as manager:
         start = manager.latest_step()
         if start is None:
             state, start = init_state(), 0
-            manager.save(0, args=ocp.args.StandardSave(state._asdict()))
+            checkpoints.save(manager, 0, state._asdict())
         else:
             template = jax.eval_shape(init_state)._asdict()
-            try:
-                restored = manager.restore(
-                    start, args=ocp.args.StandardRestore(template)
-                )
-            except Exception as e:  # orbax raises many types for damaged files.
-                raise LpdError(
-                    f"checkpoint {start} in {directory / 'checkpoints'} is corrupt or "
-                    f"incompatible ({type(e).__name__}); delete that directory to restart"
-                ) from e
+            restored = checkpoints.restore(manager, start, template, directory)
             state = codec_train.TrainState(**restored)
             log.info("codec: resuming from step %d", start)
         writer = MetricsWriter(directory, resume_step=start)
@@ -213,7 +195,7 @@ def _train(c, model, policy, stats, data, keys, directory):
                         "codec.learning_rate or raise codec.grad_clip, then delete "
                         f"{directory} and rerun"
                     )
-                manager.save(end, args=ocp.args.StandardSave(state._asdict()))
+                checkpoints.save(manager, end, state._asdict())
                 writer.write(end, metrics)
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.4f}",
