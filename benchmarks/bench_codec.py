@@ -81,7 +81,8 @@ def bench_codec(config, num_policies=1024):
         chunk = codec_train.make_train_chunk(
             model, policy, optimizer, weights, c.log_period, c.batch_size
         )
-        state = [codec_train.TrainState(params, optimizer.init(params))]
+        fresh = model.init(key, jax.tree.map(lambda x: x[0], inputs))  # donated
+        state = [codec_train.TrainState(fresh, optimizer.init(fresh))]
 
         def run(chunk=chunk, state=state):
             state[0], metrics = chunk(state[0], data, stats, jnp.int32(0), key)

@@ -57,9 +57,9 @@ def get_codec_config() -> ml_collections.ConfigDict:
             encoder_hidden=256,
             decoder_hidden=256,  # decoder trunk width
             row_features=128,  # per-row generator width
-            basis_dim=64,  # full-size basis tensors in the decoder (0: none)
-            num_steps=4000,
-            log_period=200,  # steps per jitted chunk / log / checkpoint
+            basis_dim=0,  # full-size basis tensors in the decoder (0: none)
+            num_steps=8000,
+            log_period=400,  # steps per jitted chunk / log / checkpoint
             batch_size=64,
             learning_rate=1e-3,
             warmup_steps=200,
@@ -68,7 +68,7 @@ def get_codec_config() -> ml_collections.ConfigDict:
             kl_weight=1e-6,
             input_noise=0.01,  # on standardised weights
             latent_noise=0.01,
-            functional_weight=0.0,  # > 0 adds the action-matching term
+            functional_weight=100.0,  # action matching on the elites' own states
             obs_per_policy=64,  # observations per elite for that term
             eval_episodes=8,  # episodes per policy in the reconstruction report
             eval_batch_size=256,  # policies per evaluation call

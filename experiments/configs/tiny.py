@@ -33,6 +33,7 @@ def get_config(env: str = "walker2d_uni") -> ml_collections.ConfigDict:
         decoder_hidden=32,
         row_features=16,
         basis_dim=4,
+        functional_weight=1.0,
         num_steps=40,
         log_period=20,
         batch_size=8,
