@@ -8,41 +8,20 @@ archive stage (QD iterations: emit, roll out, insert) and of a jitted
 the same batch size and sharding, and their ratio.
 """
 
-import os
-import sys
+import argparse
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + f" --xla_force_host_platform_device_count={len(os.sched_getaffinity(0))}"
-    )
+# isort: off
+import common  # First: gives XLA one host device per core before jax starts.
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+# isort: on
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from lpd import archive, archive_io, qd  # noqa: E402
+from lpd import archive, qd
 from lpd import policy as policy_lib
-from lpd.config import load_config  # noqa: E402
-from lpd.devices import batch_sharding  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _time(fn, repeats):
-    """Best wall time of ``repeats`` calls of ``fn`` (after one warm-up call)."""
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
+from lpd.config import load_config
+from lpd.devices import batch_sharding
 
 
 def bench_archive(config, repeats=3):
@@ -65,7 +44,7 @@ def bench_archive(config, repeats=3):
         )
         return metrics
 
-    chunk_s = _time(run_chunk, repeats)
+    chunk_s = common.best_time(run_chunk, repeats)
     qd_steps = c.log_period * c.batch_size * c.episode_length / chunk_s
 
     sharding = batch_sharding(c.batch_size)
@@ -85,7 +64,7 @@ def bench_archive(config, repeats=3):
         states, _ = jax.lax.scan(step, states, jax.random.split(key, c.episode_length))
         return states.reward
 
-    raw_s = _time(lambda: raw_rollout(key), repeats)
+    raw_s = common.best_time(lambda: raw_rollout(key), repeats)
     raw_steps = c.batch_size * c.episode_length / raw_s
     return {
         "env": c.env,
@@ -104,25 +83,10 @@ def bench_archive(config, repeats=3):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--config", default=str(ROOT / "experiments/configs/default.py")
-    )
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/archive.json"))
+    parser.add_argument("--config", default=common.DEFAULT_CONFIG)
     args, overrides = parser.parse_known_args()
-    config = load_config(args.config, overrides)
-    result = bench_archive(config)
-    result.update(
-        devices=[str(d) for d in jax.local_devices()],
-        machine=platform.machine(),
-        cpu_count=os.cpu_count(),
-        versions=archive_io.package_versions(),
-        config=args.config,
-        overrides=overrides,
-    )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    json.dump(result, sys.stdout, indent=2)
-    print()
+    result = bench_archive(load_config(args.config, overrides))
+    common.write_result(result, "archive", args.config, overrides)
 
 
 if __name__ == "__main__":

@@ -7,39 +7,19 @@ Uses the policy layout of the config's archive settings and random weights
 benchmarks/results/codec.json.
 """
 
-import os
+import argparse
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + f" --xla_force_host_platform_device_count={len(os.sched_getaffinity(0))}"
-    )
+# isort: off
+import common  # First: gives XLA one host device per core before jax starts.
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+# isort: on
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from lpd import archive, archive_io, codec_stage, codec_train  # noqa: E402
-from lpd import codec as codec_lib  # noqa: E402
-from lpd.config import load_config  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _best_time(fn, repeats=5):
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
+from lpd import archive, codec_stage, codec_train
+from lpd import codec as codec_lib
+from lpd.config import load_config
 
 
 def bench_codec(config, num_policies=1024):
@@ -66,8 +46,8 @@ def bench_codec(config, num_policies=1024):
     encode = jax.jit(jax.vmap(lambda x: model.apply(params, x, method="encode")[0]))
     decode = jax.jit(jax.vmap(lambda z: model.apply(params, z, method="decode")))
     latents = encode(inputs)
-    encode_s = _best_time(lambda: encode(inputs))
-    decode_s = _best_time(lambda: decode(latents))
+    encode_s = common.best_time(lambda: encode(inputs), 5)
+    decode_s = common.best_time(lambda: decode(latents), 5)
 
     stats = codec_lib.fit_standardiser(inputs)
     _, policy = archive.make_task(meta)
@@ -88,7 +68,7 @@ def bench_codec(config, num_policies=1024):
             state[0], metrics = chunk(state[0], data, stats, jnp.int32(0), key)
             return metrics
 
-        steps = c.log_period / _best_time(run, repeats=2)
+        steps = c.log_period / common.best_time(run, 2)
         results[f"train_steps_per_s_functional_{functional:g}"] = round(steps, 1)
     return {
         "env": a.env,
@@ -105,23 +85,10 @@ def bench_codec(config, num_policies=1024):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--config", default=str(ROOT / "experiments/configs/default.py")
-    )
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/codec.json"))
+    parser.add_argument("--config", default=common.DEFAULT_CONFIG)
     args, overrides = parser.parse_known_args()
     result = bench_codec(load_config(args.config, overrides))
-    result.update(
-        devices=[str(d) for d in jax.local_devices()],
-        machine=platform.machine(),
-        cpu_count=os.cpu_count(),
-        versions=archive_io.package_versions(),
-        config=args.config,
-        overrides=overrides,
-    )
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    json.dump(result, sys.stdout, indent=2)
-    print()
+    common.write_result(result, "codec", args.config, overrides)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ import sys
 
 from lpd.errors import LpdError
 
-STAGES = ("archive", "train-codec")
+STAGES = {  # Stage subcommands, which take a config and overrides.
+    "archive": "run quality-diversity search and write <workdir>/archive",
+    "train-codec": "train the weight codec on <workdir>/archive, write <workdir>/codec",
+}
 USAGE = "lpd <command> [options]; `lpd <command> -h` for help"
 
 
-def _set_host_devices() -> None:
+def set_host_devices() -> None:
     """One XLA host device per core, so CPU work shards like on many GPUs.
 
     Must run before jax is imported; a user's own XLA_FLAGS setting wins.
@@ -41,20 +44,15 @@ def _parser() -> argparse.ArgumentParser:
         description="lpd: latent policy diffusion, one subcommand per stage.",
     )
     commands = parser.add_subparsers(dest="command", metavar="<command>")
-    stage = commands.add_parser(
-        "archive",
-        help="run quality-diversity search and write <workdir>/archive",
-        description="Run (or resume) the QD search; --config.a.b=v overrides a field.",
-    )
-    stage.add_argument("--config", required=True, help="config file, path.py[:arg]")
-    stage.add_argument("--workdir", required=True, help="directory of the run")
-    codec = commands.add_parser(
-        "train-codec",
-        help="train the weight codec on <workdir>/archive; write <workdir>/codec",
-        description="Train (or resume) the codec; --config.a.b=v overrides a field.",
-    )
-    codec.add_argument("--config", required=True, help="config file, path.py[:arg]")
-    codec.add_argument("--workdir", required=True, help="directory of the run")
+    for name, help_text in STAGES.items():
+        stage = commands.add_parser(
+            name,
+            help=help_text,
+            description=f"{help_text}; resumes when interrupted, skips when "
+            "complete; --config.a.b=v overrides a config field.",
+        )
+        stage.add_argument("--config", required=True, help="config file, path.py[:arg]")
+        stage.add_argument("--workdir", required=True, help="directory of the run")
     export = commands.add_parser(
         "export-archive", help="write the archive of a workdir as a documented .npz"
     )
@@ -117,7 +115,7 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
-    _set_host_devices()
+    set_host_devices()
     logger = logging.getLogger("lpd")
     if not logger.handlers:
         handler = logging.StreamHandler()
