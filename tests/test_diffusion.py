@@ -1,0 +1,207 @@
+"""Diffusion core on toy data (no Brax)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lpd import diffusion
+
+
+def test_cosine_schedule_matches_hand_computed_values():
+    s = 0.008
+    schedule = diffusion.cosine_schedule(4, s=s)
+
+    def f(t):
+        return math.cos((t / 4 + s) / (1 + s) * math.pi / 2) ** 2
+
+    for t in range(3):  # The last step is clipped at 0.999.
+        assert schedule.alphas_cumprod[t] == pytest.approx(f(t + 1) / f(0), rel=1e-5)
+        assert schedule.betas[t] == pytest.approx(1 - f(t + 1) / f(t), rel=1e-5)
+    assert schedule.betas[3] == pytest.approx(0.999)
+    assert np.all(np.diff(np.asarray(schedule.alphas_cumprod)) < 0)
+
+
+def test_timestep_embedding_values():
+    emb = diffusion.timestep_embedding(jnp.array([0, 3]), 4, max_period=100.0)
+    # Frequencies 1 and 1/10: [cos(t), cos(t/10), sin(t), sin(t/10)].
+    np.testing.assert_allclose(emb[0], [1, 1, 0, 0], atol=1e-7)
+    np.testing.assert_allclose(
+        emb[1], [math.cos(3), math.cos(0.3), math.sin(3), math.sin(0.3)], rtol=1e-6
+    )
+
+
+def _gaussian_eps_fn(schedule, mean, std):
+    """Exact noise prediction for data ~ N(mean, std^2), per dimension."""
+
+    def eps_fn(x, t):
+        abar = schedule.alphas_cumprod[t][:, None]
+        eps = (
+            jnp.sqrt(1 - abar)
+            * (x - jnp.sqrt(abar) * mean)
+            / (abar * std**2 + 1 - abar)
+        )
+        x0 = (x - jnp.sqrt(1 - abar) * eps) / jnp.sqrt(abar)
+        return eps, x0
+
+    return eps_fn
+
+
+def test_ddim_with_every_step_and_eta_one_matches_ddpm_statistics():
+    schedule = diffusion.cosine_schedule(1000)
+    mean, std = jnp.array([1.5, -2.0]), jnp.array([0.5, 0.2])
+    eps_fn = _gaussian_eps_fn(schedule, mean, std)
+    x_T = jax.random.normal(jax.random.key(0), (20_000, 2))
+    ddpm = jax.jit(lambda x, k: diffusion.ddpm_sample(eps_fn, schedule, x, k))
+    ddim = jax.jit(
+        lambda x, k, eta: diffusion.ddim_sample(eps_fn, schedule, x, 1000, eta, k)
+    )
+    a = np.asarray(ddpm(x_T, jax.random.key(1)))
+    b = np.asarray(ddim(x_T, jax.random.key(2), 1.0))
+    c = np.asarray(ddim(x_T, jax.random.key(3), 0.0))
+    for samples in (a, b, c):
+        np.testing.assert_allclose(samples.mean(0), mean, atol=0.02)
+        np.testing.assert_allclose(samples.std(0), std, rtol=0.05)
+    np.testing.assert_allclose(a.mean(0), b.mean(0), atol=0.02)
+    np.testing.assert_allclose(a.std(0), b.std(0), rtol=0.03)
+
+
+def _conditional_mixture(key, num):
+    """Condition 0 -> mode (-2, -2), condition 1 -> mode (2, 2); std 0.1."""
+    key_c, key_x = jax.random.split(key)
+    cond = jax.random.bernoulli(key_c, 0.5, (num, 1)).astype(jnp.float32)
+    x0 = (4.0 * cond - 2.0) + 0.1 * jax.random.normal(key_x, (num, 2))
+    return x0, cond
+
+
+@pytest.fixture(scope="module")
+def trained_toy():
+    schedule = diffusion.cosine_schedule(100)
+    model = diffusion.Denoiser(latent_dim=2, num_tokens=2, width=32, depth=2)
+    params = model.init(
+        jax.random.key(0), jnp.zeros(2), 0, jnp.zeros(1), jnp.array(False)
+    )
+    optimizer = optax.adam(2e-3)
+
+    @jax.jit
+    def train(params, opt_state, key):
+        def step(carry, k):
+            params, opt_state = carry
+            key_data, key_loss = jax.random.split(k)
+            x0, cond = _conditional_mixture(key_data, 256)
+            loss, grads = jax.value_and_grad(diffusion.diffusion_loss)(
+                params, model, schedule, x0, cond, key_loss, "v", 0.1
+            )
+            updates, opt_state = optimizer.update(grads, opt_state)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(
+            step, (params, opt_state), jax.random.split(key, 1500)
+        )
+        return params, losses
+
+    params, losses = train(params, optimizer.init(params), jax.random.key(1))
+    return schedule, model, params, np.asarray(losses)
+
+
+def test_loss_falls_and_conditional_samples_land_on_their_mode(trained_toy):
+    schedule, model, params, losses = trained_toy
+    assert losses[-100:].mean() < 0.5 * losses[:100].mean()
+    cond = jnp.concatenate([jnp.zeros((200, 1)), jnp.ones((200, 1))])
+    eps_fn = diffusion.guided_eps_fn(params, model, schedule, cond, 0.0, "v")
+    x_T = jax.random.normal(jax.random.key(2), (400, 2))
+    samples = np.asarray(
+        diffusion.ddim_sample(eps_fn, schedule, x_T, 50, 0.0, jax.random.key(3))
+    )
+    near_asked = np.linalg.norm(samples - (4 * np.asarray(cond) - 2), axis=1) < 0.5
+    assert near_asked.mean() > 0.9
+
+
+def test_guidance_zero_is_plain_conditional_sampling(trained_toy):
+    schedule, model, params, _ = trained_toy
+    cond = jnp.ones((8, 1))
+    x_T = jax.random.normal(jax.random.key(4), (8, 2))
+    guided = diffusion.guided_eps_fn(params, model, schedule, cond, 0.0, "v")
+
+    def conditional_only(x, t):
+        out = jax.vmap(lambda *a: model.apply(params, *a))(
+            x, t, cond, jnp.zeros(8, bool)
+        )
+        abar = schedule.alphas_cumprod[t][:, None]
+        x0 = jnp.sqrt(abar) * x - jnp.sqrt(1 - abar) * out
+        return jnp.sqrt(1 - abar) * x + jnp.sqrt(abar) * out, x0
+
+    key = jax.random.key(5)
+    a = diffusion.ddim_sample(guided, schedule, x_T, 20, 0.5, key)
+    b = diffusion.ddim_sample(conditional_only, schedule, x_T, 20, 0.5, key)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    stronger = diffusion.guided_eps_fn(params, model, schedule, cond, 2.0, "v")
+    c = diffusion.ddim_sample(stronger, schedule, x_T, 20, 0.5, key)
+    assert not np.allclose(np.asarray(a), np.asarray(c))
+
+
+def test_dropped_condition_uses_the_null_vector(trained_toy):
+    _, model, params, _ = trained_toy
+    x, t = jnp.array([0.3, -0.1]), 50
+    dropped = [model.apply(params, x, t, jnp.array([c]), True) for c in (0.0, 1.0)]
+    kept = [model.apply(params, x, t, jnp.array([c]), False) for c in (0.0, 1.0)]
+    np.testing.assert_array_equal(dropped[0], dropped[1])
+    assert not np.allclose(kept[0], kept[1])
+
+    def out_dropped(p):
+        return jnp.sum(model.apply(p, x, t, jnp.array([1.0]), True))
+
+    grads = jax.grad(out_dropped)(params)
+    conditioner = grads["params"]["DescriptorConditioner_0"]
+    assert np.any(np.asarray(conditioner["null"]) != 0)
+    assert np.all(np.asarray(conditioner["Dense_0"]["kernel"]) == 0)
+
+
+def test_v_prediction_targets_and_recovery():
+    schedule = diffusion.cosine_schedule(10)
+    x0 = jnp.array([[1.0, -1.0]])
+    noise = jnp.array([[0.5, 0.25]])
+    t = jnp.array([4])
+    xt = diffusion.add_noise(schedule, x0, t, noise)
+    abar = schedule.alphas_cumprod[4]
+    v = jnp.sqrt(abar) * noise - jnp.sqrt(1 - abar) * x0
+    np.testing.assert_allclose(
+        xt, jnp.sqrt(abar) * x0 + jnp.sqrt(1 - abar) * noise, rtol=1e-6
+    )
+    # x0 and eps are recovered from (x_t, v) as guided_eps_fn does.
+    np.testing.assert_allclose(
+        jnp.sqrt(abar) * xt - jnp.sqrt(1 - abar) * v, x0, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        jnp.sqrt(1 - abar) * xt + jnp.sqrt(abar) * v, noise, rtol=1e-5
+    )
+
+
+def test_clipping_bounds_x0_of_an_epsilon_model():
+    schedule = diffusion.cosine_schedule(100)
+    model = diffusion.Denoiser(
+        latent_dim=2, num_tokens=1, width=8, depth=1, num_heads=1
+    )
+    params = model.init(jax.random.key(0), jnp.zeros(2), 0, jnp.zeros(1), False)
+    # Push the output away from zero so x0 is large at high noise.
+    params = jax.tree.map(lambda x: x + 0.5, params)
+    cond = jnp.zeros((4, 1))
+    x = jax.random.normal(jax.random.key(1), (4, 2))
+    t = jnp.full((4,), 99)
+    for clip in (None, 3.0):
+        eps_fn = diffusion.guided_eps_fn(
+            params, model, schedule, cond, 1.0, "epsilon", clip
+        )
+        eps, x0 = eps_fn(x, t)
+        abar = schedule.alphas_cumprod[99]
+        # eps and x0 always describe the same x_t.
+        np.testing.assert_allclose(
+            jnp.sqrt(abar) * x0 + jnp.sqrt(1 - abar) * eps, x, rtol=1e-3, atol=1e-3
+        )
+        if clip:
+            assert np.all(np.abs(np.asarray(x0)) <= clip)
+        else:
+            assert np.any(np.abs(np.asarray(x0)) > 3.0)
