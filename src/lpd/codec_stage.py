@@ -23,16 +23,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
 
 from lpd import archive as archive_lib
-from lpd import archive_io, checkpoints, codec_train, evaluation, qd
+from lpd import archive_io, codec_train, evaluation, qd, training
 from lpd import codec as codec_lib
 from lpd import policy as policy_lib
 from lpd.config import check_stage_config, config_to_dict
 from lpd.devices import batch_sharding
 from lpd.errors import LpdError
-from lpd.logs import MetricsWriter, write_json_atomic
+from lpd.logs import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -168,49 +167,18 @@ def _train(c, model, policy, stats, data, keys, directory):
 
     def init_state():
         params = model.init(key_init, example)
-        return codec_train.TrainState(params, optimizer.init(params))
+        return {"params": params, "opt_state": optimizer.init(params)}
 
-    with checkpoints.checkpoint_manager(directory) as manager:
-        start = manager.latest_step()
-        if start is None:
-            state, start = init_state(), 0
-            checkpoints.save(manager, 0, state._asdict())
-        else:
-            template = jax.eval_shape(init_state)._asdict()
-            restored = checkpoints.restore(manager, start, template, directory)
-            state = codec_train.TrainState(**restored)
-            log.info("codec: resuming from step %d", start)
-        writer = MetricsWriter(directory, resume_step=start)
-        bar = tqdm(total=c.num_steps, initial=start, desc="codec", unit="step")
-        try:
-            for chunk_start in range(start, c.num_steps, c.log_period):
-                state, metrics = chunk_fn(
-                    state, data, stats, jnp.int32(chunk_start), key_train
-                )
-                metrics = jax.device_get(metrics)
-                end = chunk_start + c.log_period
-                if not np.isfinite(metrics["loss"]):
-                    raise LpdError(
-                        f"codec: loss is {metrics['loss']} at step {end}; lower "
-                        "codec.learning_rate or raise codec.grad_clip, then delete "
-                        f"{directory} and rerun"
-                    )
-                checkpoints.save(manager, end, state._asdict())
-                writer.write(end, metrics)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4f}",
-                    recon=f"{metrics['reconstruction']:.4f}",
-                    **(
-                        {"func": f"{metrics['functional']:.2e}"}
-                        if "functional" in metrics
-                        else {}
-                    ),
-                )
-                bar.update(c.log_period)
-        finally:
-            bar.close()
-            writer.close()
-    return state.params
+    def run_chunk(state, start):
+        state, metrics = chunk_fn(
+            codec_train.TrainState(**state), data, stats, start, key_train
+        )
+        return state._asdict(), metrics
+
+    state = training.run_chunks(
+        directory, init_state, run_chunk, c.num_steps, c.log_period, "codec"
+    )
+    return state["params"]
 
 
 def encode_means(model, params, inputs) -> jax.Array:

@@ -1,0 +1,73 @@
+"""The host loop every trained stage shares: chunks, checkpoints, logs, NaN stop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from lpd import checkpoints
+from lpd.errors import LpdError
+from lpd.logs import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+def run_chunks(
+    directory: Path,
+    init_state: Callable[[], dict],
+    chunk_fn: Callable,
+    num_steps: int,
+    log_period: int,
+    stage: str,
+):
+    """Trains from step 0, or from the last checkpoint, to ``num_steps``.
+
+    Args:
+        directory: the stage's directory (checkpoints, metrics, TensorBoard).
+        init_state: makes the initial state, a dict pytree; also traced with
+            ``eval_shape`` to restore a checkpoint against.
+        chunk_fn: ``(state, start_step) -> (state, metrics)`` running
+            ``log_period`` steps; ``metrics`` holds scalars, ``loss`` among them.
+        num_steps, log_period: total steps and steps per chunk.
+        stage: name for the progress bar, log lines and errors.
+
+    Returns:
+        The final state.
+    """
+    with checkpoints.checkpoint_manager(directory) as manager:
+        start = manager.latest_step()
+        if start is None:
+            state, start = init_state(), 0
+            checkpoints.save(manager, 0, state)
+        else:
+            template = jax.eval_shape(init_state)
+            state = checkpoints.restore(manager, start, template, directory)
+            log.info("%s: resuming from step %d", stage, start)
+        writer = MetricsWriter(directory, resume_step=start)
+        bar = tqdm(total=num_steps, initial=start, desc=stage, unit="step")
+        try:
+            for chunk_start in range(start, num_steps, log_period):
+                state, metrics = chunk_fn(state, jnp.int32(chunk_start))
+                metrics = jax.device_get(metrics)
+                end = chunk_start + log_period
+                if not np.isfinite(metrics["loss"]):
+                    raise LpdError(
+                        f"{stage}: loss is {metrics['loss']} at step {end}; lower "
+                        f"the learning rate or raise grad_clip in config.{stage}, "
+                        f"then delete {directory} and rerun"
+                    )
+                checkpoints.save(manager, end, state)
+                writer.write(end, metrics)
+                shown = {k: v for k, v in metrics.items() if "/" not in k}
+                bar.set_postfix({k: f"{v:.4g}" for k, v in sorted(shown.items())})
+                bar.update(log_period)
+        finally:
+            bar.close()
+            writer.close()
+    return state
