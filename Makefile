@@ -23,10 +23,12 @@ setup: $(STAMP)  ## create .venv and install the pinned stack (once)
 run: setup  ## run the default pipeline on CPU into runs/default
 	$(BIN)/lpd archive --config $(CONFIG) --workdir $(WORKDIR)
 	$(BIN)/lpd train-codec --config $(CONFIG) --workdir $(WORKDIR)
+	$(BIN)/lpd train-diffusion --config $(CONFIG) --workdir $(WORKDIR)
 
 smoke: setup  ## run the pipeline on the tiny config into runs/smoke
 	$(BIN)/lpd archive --config experiments/configs/tiny.py --workdir runs/smoke
 	$(BIN)/lpd train-codec --config experiments/configs/tiny.py --workdir runs/smoke
+	$(BIN)/lpd train-diffusion --config experiments/configs/tiny.py --workdir runs/smoke
 
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest -q
@@ -38,6 +40,7 @@ lint: setup  ## ruff lint and format check
 bench: setup  ## benchmarks -> benchmarks/results/*.json
 	$(BIN)/python benchmarks/bench_archive.py
 	$(BIN)/python benchmarks/bench_codec.py
+	$(BIN)/python benchmarks/bench_diffusion.py
 
 clean:  ## remove the venv and run outputs
 	rm -rf $(VENV) runs

@@ -27,3 +27,32 @@ def tiny_archive(tmp_path_factory, tiny_config_path):
     workdir = tmp_path_factory.mktemp("tiny")
     archive.run_archive_stage(load_config(tiny_config_path), workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_codec(tiny_archive, tiny_config_path, tmp_path_factory):
+    """A workdir with the tiny archive and a trained tiny codec."""
+    import shutil
+
+    from lpd import codec_stage
+    from lpd.config import load_config
+
+    workdir = tmp_path_factory.mktemp("codec")
+    shutil.copytree(tiny_archive / "archive", workdir / "archive")
+    codec_stage.run_codec_stage(load_config(tiny_config_path), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion(tiny_codec, tiny_config_path, tmp_path_factory):
+    """A workdir with the tiny archive, codec and trained denoiser."""
+    import shutil
+
+    from lpd import diffusion_stage
+    from lpd.config import load_config
+
+    workdir = tmp_path_factory.mktemp("diffusion")
+    for stage in ("archive", "codec"):
+        shutil.copytree(tiny_codec / stage, workdir / stage)
+    diffusion_stage.run_diffusion_stage(load_config(tiny_config_path), workdir)
+    return workdir

@@ -18,11 +18,9 @@ def _workdir_with_archive(tiny_archive, path):
     return path
 
 
-@pytest.fixture(scope="module")
-def codec_run(tiny_archive, tiny_config_path, tmp_path_factory):
-    workdir = _workdir_with_archive(tiny_archive, tmp_path_factory.mktemp("codec"))
-    codec_stage.run_codec_stage(load_config(tiny_config_path), workdir)
-    return workdir
+@pytest.fixture
+def codec_run(tiny_codec):
+    return tiny_codec
 
 
 def test_report_latents_and_meta(codec_run):

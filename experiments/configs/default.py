@@ -76,9 +76,39 @@ def get_codec_config() -> ml_collections.ConfigDict:
     )
 
 
+def get_diffusion_config() -> ml_collections.ConfigDict:
+    """Latent-diffusion settings shared by every experiment config."""
+    return ml_collections.ConfigDict(
+        dict(
+            num_timesteps=600,
+            prediction="v",  # v or epsilon
+            cond_dropout=0.1,  # trains the null condition used by guidance
+            num_tokens=8,  # the latent is cut into this many tokens
+            width=64,
+            depth=3,
+            num_heads=4,
+            num_steps=10_000,
+            log_period=500,
+            batch_size=128,
+            learning_rate=1e-3,
+            warmup_steps=500,
+            weight_decay=1e-4,
+            grad_clip=1.0,
+            ema_decay=0.999,
+            sample_steps=100,  # DDIM steps
+            eta=0.0,
+            sweep_guidance=(0.0, 1.0, 2.0, 4.0),
+            sweep_conditions=256,  # archive descriptors used by the sweep
+            sweep_episodes=4,
+            sweep_batch_size=256,
+        )
+    )
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.archive = get_archive_config()
     config.codec = get_codec_config()
+    config.diffusion = get_diffusion_config()
     return config

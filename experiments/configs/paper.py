@@ -40,4 +40,6 @@ def get_config(env: str = "walker2d") -> ml_collections.ConfigDict:
     )
     config.codec = default.get_codec_config()
     config.codec.update(num_steps=20_000, eval_episodes=50, eval_batch_size=1024)
+    config.diffusion = default.get_diffusion_config()
+    config.diffusion.update(num_steps=50_000, sweep_conditions=1024, sweep_episodes=10)
     return config

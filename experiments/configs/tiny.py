@@ -42,4 +42,22 @@ def get_config(env: str = "walker2d_uni") -> ml_collections.ConfigDict:
         eval_batch_size=16,
         obs_per_policy=8,
     )
+    config.diffusion = default.get_diffusion_config()
+    config.diffusion.update(
+        num_timesteps=50,
+        num_tokens=2,
+        width=16,
+        depth=1,
+        num_heads=2,
+        num_steps=40,
+        log_period=20,
+        batch_size=16,
+        warmup_steps=5,
+        sample_steps=10,
+        sweep_guidance=(0.0, 2.0),
+        sweep_conditions=8,
+        sweep_episodes=2,
+        sweep_batch_size=8,
+        ema_decay=0.5,
+    )
     return config

@@ -17,6 +17,8 @@ from lpd.errors import LpdError
 STAGES = {  # Stage subcommands, which take a config and overrides.
     "archive": "run quality-diversity search and write <workdir>/archive",
     "train-codec": "train the weight codec on <workdir>/archive, write <workdir>/codec",
+    "train-diffusion": "train the latent denoiser on <workdir>/codec, write "
+    "<workdir>/diffusion",
 }
 USAGE = "lpd <command> [options]; `lpd <command> -h` for help"
 
@@ -58,6 +60,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--workdir", required=True)
     export.add_argument("--out", required=True, help="path of the .npz to write")
+    sample = commands.add_parser(
+        "sample", help="generate policies for descriptors and write them to an .npz"
+    )
+    sample.add_argument("--workdir", required=True)
+    sample.add_argument("--descriptor", help="one descriptor, e.g. 0.2,0.8")
+    sample.add_argument(
+        "--descriptors-file", help=".npy or comma-separated text, one row each"
+    )
+    sample.add_argument("--num", type=int, default=1, help="policies per descriptor")
+    sample.add_argument(
+        "--guidance", type=float, help="guidance scale (default: the sweep's pick)"
+    )
+    sample.add_argument(
+        "--steps", type=int, help="DDIM steps (default: config.diffusion.sample_steps)"
+    )
+    sample.add_argument("--eta", type=float, default=0.0)
+    sample.add_argument("--sampler", default="ddim", help="ddim or ddpm")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", required=True, help="path of the .npz to write")
     imp = commands.add_parser(
         "import-archive", help="make <workdir>/archive from an archive .npz"
     )
@@ -96,6 +117,32 @@ def run(argv: list[str]) -> int:
         config = load_config(args.config, overrides)
         directory = codec_stage.run_codec_stage(config, args.workdir)
         print(f"train-codec: written to {directory}")
+    elif args.command == "train-diffusion":
+        from lpd import diffusion_stage
+        from lpd.config import load_config
+
+        config = load_config(args.config, overrides)
+        directory = diffusion_stage.run_diffusion_stage(config, args.workdir)
+        print(f"train-diffusion: written to {directory}")
+    elif args.command == "sample":
+        from lpd import archive_io, diffusion_stage
+
+        meta = archive_io.load_meta(args.workdir)
+        conditions = diffusion_stage.parse_descriptors(
+            args.descriptor, args.descriptors_file, meta
+        )
+        out, num = diffusion_stage.sample_to_npz(
+            args.workdir,
+            conditions,
+            args.num,
+            args.guidance,
+            args.steps,
+            args.eta,
+            args.sampler,
+            args.seed,
+            args.out,
+        )
+        print(f"sample: wrote {num} policies to {out}")
     elif args.command == "export-archive":
         from lpd import archive_io
 

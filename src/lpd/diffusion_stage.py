@@ -1,0 +1,394 @@
+"""Stage 3: train the latent denoiser (``lpd train-diffusion``) and sample from it.
+
+Reads ``<workdir>/codec``; writes ``<workdir>/diffusion/``:
+
+- ``model/``: orbax checkpoint of the EMA denoiser parameters;
+- ``guidance_sweep.json``: return and measure error of generated policies per
+  guidance scale on a fixed set of the archive's descriptors, and the scale
+  picked (lowest measure error), which ``lpd sample`` uses by default;
+- ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``, ``config.json``;
+- ``meta.json``, written last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from lpd import archive as archive_lib
+from lpd import archive_io, codec_stage, codec_train, evaluation, qd, training
+from lpd import codec as codec_lib
+from lpd import diffusion as diffusion_lib
+from lpd import policy as policy_lib
+from lpd.config import check_stage_config, config_to_dict
+from lpd.errors import LpdError
+from lpd.logs import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STAGE_KEY = 2
+SAMPLERS = ("ddim", "ddpm")
+PREDICTIONS = ("epsilon", "v")
+
+
+def diffusion_dir(workdir) -> Path:
+    return Path(workdir) / "diffusion"
+
+
+def make_denoiser(c: ml_collections.ConfigDict, latent_dim: int):
+    return diffusion_lib.Denoiser(
+        latent_dim=latent_dim,
+        num_tokens=c.num_tokens,
+        width=c.width,
+        depth=c.depth,
+        num_heads=c.num_heads,
+    )
+
+
+def _validate(c: ml_collections.ConfigDict, latent_dim: int) -> None:
+    if c.num_steps <= 0 or c.log_period <= 0 or c.num_steps % c.log_period:
+        raise LpdError(
+            f"diffusion.num_steps ({c.num_steps}) must be a positive multiple of "
+            f"diffusion.log_period ({c.log_period})"
+        )
+    if c.prediction not in PREDICTIONS:
+        raise LpdError(f"diffusion.prediction must be one of {PREDICTIONS}")
+    if latent_dim % c.num_tokens:
+        raise LpdError(
+            f"the latent ({latent_dim}) must split into diffusion.num_tokens "
+            f"({c.num_tokens}) equal tokens"
+        )
+    if not 0.0 <= c.cond_dropout < 1.0:
+        raise LpdError("diffusion.cond_dropout must lie in [0, 1)")
+
+
+def _load_latents(workdir):
+    path = codec_stage.codec_dir(workdir) / "latents.npz"
+    if not (codec_stage.codec_dir(workdir) / "meta.json").exists():
+        raise LpdError(
+            f"no complete codec in {codec_stage.codec_dir(workdir)}: run "
+            "`lpd train-codec` with this --workdir first"
+        )
+    with np.load(path, allow_pickle=False) as data:
+        return jnp.asarray(data["latents"]), jnp.asarray(data["descriptors"])
+
+
+def make_train_chunk(model, schedule, optimizer, c, num_steps):
+    """Jitted ``(state, latents [N, L], descriptors [N, D], start, key)``."""
+
+    def train_step(state, latents, descriptors, step, key):
+        key_batch, key_loss = jax.random.split(jax.random.fold_in(key, step))
+        idx = jax.random.randint(key_batch, (c.batch_size,), 0, latents.shape[0])
+        loss, grads = jax.value_and_grad(diffusion_lib.diffusion_loss)(
+            state["params"],
+            model,
+            schedule,
+            latents[idx],
+            descriptors[idx],
+            key_loss,
+            c.prediction,
+            c.cond_dropout,
+        )
+        updates, opt_state = optimizer.update(
+            grads, state["opt_state"], state["params"]
+        )
+        params = optax.apply_updates(state["params"], updates)
+        ema = optax.incremental_update(params, state["ema"], 1.0 - c.ema_decay)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return {"params": params, "ema": ema, "opt_state": opt_state}, metrics
+
+    def chunk(state, latents, descriptors, start, key):
+        def body(state, step):
+            return train_step(state, latents, descriptors, step, key)
+
+        state, metrics = jax.lax.scan(body, state, start + jnp.arange(num_steps))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return jax.jit(chunk, donate_argnums=(0,))
+
+
+def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
+    """Trains (or resumes, or skips when complete) the denoiser; returns its dir."""
+    directory = diffusion_dir(workdir)
+    config_dict = config_to_dict(config)
+    check_stage_config(directory, config_dict, "diffusion")
+    if (directory / "meta.json").exists():
+        log.info("diffusion: complete in %s, skipping", directory)
+        return directory
+    c = config.diffusion
+    latents, descriptors = _load_latents(workdir)
+    _validate(c, latents.shape[1])
+    key = jax.random.fold_in(jax.random.key(config.seed), STAGE_KEY)
+    key_init, key_train, key_sweep = jax.random.split(key, 3)
+    model = make_denoiser(c, latents.shape[1])
+    schedule = diffusion_lib.cosine_schedule(c.num_timesteps)
+    optimizer = codec_train.make_optimizer(
+        c.learning_rate, c.warmup_steps, c.num_steps, c.weight_decay, c.grad_clip
+    )
+    chunk_fn = make_train_chunk(model, schedule, optimizer, c, c.log_period)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(directory / "config.json", config_dict)
+
+    def init_state():
+        params = model.init(key_init, latents[0], 0, descriptors[0], False)
+        ema = jax.tree.map(jnp.copy, params)  # Its own buffers: the state is donated.
+        return {"params": params, "ema": ema, "opt_state": optimizer.init(params)}
+
+    state = training.run_chunks(
+        directory,
+        init_state,
+        lambda s, start: chunk_fn(s, latents, descriptors, start, key_train),
+        c.num_steps,
+        c.log_period,
+        "diffusion",
+    )
+    target = (directory / "model").absolute()
+    if target.exists():  # Left by an interrupted finish; meta.json is absent.
+        shutil.rmtree(target)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(target, {"ema": state["ema"]})
+    denoiser_params = int(sum(x.size for x in jax.tree.leaves(state["ema"])))
+    meta = {"denoiser_params": denoiser_params, "latent_dim": int(latents.shape[1])}
+    write_json_atomic(directory / "meta.partial.json", meta)
+    sweep = guidance_sweep(config, workdir, key_sweep)
+    write_json_atomic(directory / "guidance_sweep.json", sweep)
+    log.info("diffusion: guidance %s picked (lowest measure error)", sweep["picked"])
+    meta.update(
+        guidance=sweep["picked"],
+        versions=archive_io.package_versions(),
+        config=config_dict,
+    )
+    write_json_atomic(directory / "meta.json", meta)
+    (directory / "meta.partial.json").unlink()
+    return directory
+
+
+class Generator(NamedTuple):
+    """Everything needed to turn descriptors into policy parameters."""
+
+    config: ml_collections.ConfigDict
+    archive_meta: dict
+    denoiser: diffusion_lib.Denoiser
+    denoiser_params: dict
+    schedule: diffusion_lib.Schedule
+    codec: codec_lib.Codec
+    codec_params: dict
+    stats: codec_lib.Standardiser
+    latent_scale: float
+
+
+def load_generator(workdir) -> Generator:
+    """Loads the codec and the denoiser of a workdir (trained stages)."""
+    directory = diffusion_dir(workdir)
+    meta_path = directory / "meta.json"
+    if not meta_path.exists() and not (directory / "meta.partial.json").exists():
+        raise LpdError(
+            f"no trained denoiser in {directory}: run `lpd train-diffusion` first"
+        )
+    config = ml_collections.ConfigDict(
+        json.loads((directory / "config.json").read_text())
+    )
+    archive_meta = archive_io.load_meta(workdir)
+    codec_meta = json.loads((codec_stage.codec_dir(workdir) / "meta.json").read_text())
+    codec = codec_stage.make_model(config.codec, archive_meta["layout"])
+    denoiser = make_denoiser(config.diffusion, codec_meta["latent_dim"])
+    flat_template = {
+        p: jax.ShapeDtypeStruct(tuple(s), jnp.float32)
+        for p, s in archive_meta["layout"].items()
+    }
+    codec_template = jax.eval_shape(codec.init, jax.random.key(0), flat_template)
+    stats_template = codec_lib.Standardiser(flat_template, flat_template)
+    latent = jax.ShapeDtypeStruct((codec_meta["latent_dim"],), jnp.float32)
+    cond = jax.ShapeDtypeStruct((len(archive_meta["descriptor_names"]),), jnp.float32)
+    denoiser_template = jax.eval_shape(
+        denoiser.init, jax.random.key(0), latent, 0, cond, False
+    )
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            codec_state = checkpointer.restore(
+                (codec_stage.codec_dir(workdir) / "model").absolute(),
+                {"params": codec_template, "stats": stats_template},
+            )
+            ema = checkpointer.restore(
+                (directory / "model").absolute(), {"ema": denoiser_template}
+            )["ema"]
+    except Exception as e:  # orbax raises many types for damaged files.
+        raise LpdError(
+            f"the codec or denoiser model in {workdir} is missing or corrupt "
+            f"({type(e).__name__}); rerun the stage that wrote it"
+        ) from e
+    return Generator(
+        config=config,
+        archive_meta=archive_meta,
+        denoiser=denoiser,
+        denoiser_params=ema,
+        schedule=diffusion_lib.cosine_schedule(config.diffusion.num_timesteps),
+        codec=codec,
+        codec_params=codec_state["params"],
+        stats=codec_state["stats"],
+        latent_scale=float(codec_meta["latent_scale"]),
+    )
+
+
+def make_sample_fn(gen: Generator, guidance, steps, eta, sampler) -> callable:
+    """Jitted ``(conditions [B, D], key) -> flat policy params {path: [B, ...]}``."""
+    if sampler not in SAMPLERS:
+        raise LpdError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if steps <= 0 or steps > gen.schedule.num_timesteps:
+        raise LpdError(f"--steps must lie in [1, {gen.schedule.num_timesteps}]")
+    prediction = gen.config.diffusion.prediction
+
+    def sample(cond, key):
+        key_noise, key_sample = jax.random.split(key)
+        latent_dim = gen.codec.latent_dim
+        x_T = jax.random.normal(key_noise, (cond.shape[0], latent_dim))
+        eps_fn = diffusion_lib.guided_eps_fn(
+            gen.denoiser_params, gen.denoiser, gen.schedule, cond, guidance, prediction
+        )
+        if sampler == "ddim":
+            z = diffusion_lib.ddim_sample(
+                eps_fn, gen.schedule, x_T, steps, eta, key_sample
+            )
+        else:
+            z = diffusion_lib.ddpm_sample(eps_fn, gen.schedule, x_T, key_sample)
+        z = z / gen.latent_scale
+        decode = jax.vmap(
+            lambda v: gen.codec.apply(gen.codec_params, v, method="decode")
+        )
+        return codec_lib.unstandardise(gen.stats, decode(z))
+
+    return jax.jit(sample)
+
+
+def guidance_sweep(config, workdir, key) -> dict:
+    """Rolls out generated policies per guidance scale on fixed conditions.
+
+    The conditions are ``sweep_conditions`` elites' descriptors, evenly
+    spread over the archive; each generated policy runs ``sweep_episodes``
+    episodes from random resets. Picks the scale of lowest measure error
+    (distance between asked and achieved descriptor).
+    """
+    c = config.diffusion
+    gen = load_generator(workdir)
+    with np.load(codec_stage.codec_dir(workdir) / "latents.npz") as data:
+        descriptors, fitnesses = data["descriptors"], data["fitnesses"]
+    pick = np.linspace(0, len(descriptors) - 1, c.sweep_conditions).round().astype(int)
+    cond = jnp.asarray(descriptors[pick])
+    env, policy = archive_lib.make_task(gen.archive_meta)
+    eval_fn = qd.make_episodes_eval_fn(
+        env,
+        policy,
+        gen.archive_meta["episode_length"],
+        c.sweep_episodes,
+        c.sweep_batch_size,
+    )
+    key_sample, key_eval = jax.random.split(key)
+    rows = []
+    for guidance in c.sweep_guidance:
+        sample_fn = make_sample_fn(gen, guidance, c.sample_steps, c.eta, "ddim")
+        flat = evaluation.map_in_batches(
+            sample_fn, cond, c.sweep_batch_size, key_sample
+        )
+        returns, achieved = evaluation.map_in_batches(
+            eval_fn,
+            policy_lib.unflatten_params(flat),
+            c.sweep_batch_size,
+            key_eval,
+            f"diffusion: guidance {guidance:g}",
+        )
+        rows.append(
+            {
+                "guidance": float(guidance),
+                "mean_return": float(np.mean(returns)),
+                "archive_mean_return": float(np.mean(fitnesses[pick])),
+                "measure_error": float(
+                    np.mean(np.linalg.norm(achieved - np.asarray(cond), axis=-1))
+                ),
+            }
+        )
+    best = min(rows, key=lambda r: r["measure_error"])
+    return {
+        "conditions": int(len(pick)),
+        "episodes": c.sweep_episodes,
+        "sample_steps": c.sample_steps,
+        "rows": rows,
+        "picked": best["guidance"],
+    }
+
+
+def parse_descriptors(text: str | None, path: str | None, meta: dict) -> np.ndarray:
+    """Conditions ``[K, D]`` from ``--descriptor a,b`` or a descriptors file."""
+    if (text is None) == (path is None):
+        raise LpdError("give exactly one of --descriptor and --descriptors-file")
+    dims = len(meta["descriptor_names"])
+    if text is not None:
+        try:
+            rows = np.asarray([[float(v) for v in text.split(",")]])
+        except ValueError:
+            raise LpdError(
+                f"--descriptor {text!r} is not comma-separated numbers"
+            ) from None
+    else:
+        try:
+            rows = np.atleast_2d(
+                np.load(path)
+                if path.endswith(".npy")
+                else np.loadtxt(path, delimiter=",")
+            )
+        except (OSError, ValueError) as e:
+            raise LpdError(f"cannot read descriptors from {path}: {e}") from None
+    if rows.shape[1] != dims:
+        raise LpdError(
+            f"descriptors have {rows.shape[1]} values, the env has {dims} "
+            f"({', '.join(meta['descriptor_names'])})"
+        )
+    low, high = np.asarray(meta["descriptor_low"]), np.asarray(meta["descriptor_high"])
+    if np.any(rows < low) or np.any(rows > high):
+        raise LpdError(f"descriptor values must lie in [{low.min()}, {high.max()}]")
+    return rows.astype(np.float32)
+
+
+def sample_to_npz(workdir, conditions, num, guidance, steps, eta, sampler, seed, out):
+    """Generates ``num`` policies per condition and writes them as an npz.
+
+    Keys: the policy leaves ``params/...`` ``[K * num, ...]``, ``descriptors``
+    ``[K * num, D]`` (the asked ones) and ``metadata`` (JSON string).
+    """
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise LpdError(f"--out must end in .npz, got {out}")
+    if out.exists():
+        raise LpdError(f"{out} already exists; choose another --out or delete it")
+    if num <= 0:
+        raise LpdError("--num must be > 0")
+    gen = load_generator(workdir)
+    if guidance is None:
+        guidance = json.loads((diffusion_dir(workdir) / "meta.json").read_text())[
+            "guidance"
+        ]
+    if steps is None:
+        steps = gen.config.diffusion.sample_steps
+    cond = np.repeat(conditions, num, axis=0)
+    sample_fn = make_sample_fn(gen, guidance, steps, eta, sampler)
+    flat = jax.device_get(sample_fn(jnp.asarray(cond), jax.random.key(seed)))
+    meta = {
+        key: gen.archive_meta[key]
+        for key in ("env", "backend", "episode_length", "policy", "descriptor_names")
+    }
+    meta.update(guidance=guidance, steps=steps, eta=eta, sampler=sampler, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, descriptors=cond, metadata=np.asarray(json.dumps(meta)), **flat)
+    tmp.replace(out)
+    return out, len(cond)

@@ -1,0 +1,121 @@
+"""`lpd train-diffusion` and `lpd sample` on the tiny pipeline (Brax for the sweep)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from lpd import diffusion_stage, logs
+from lpd.cli import main
+from lpd.config import load_config
+
+pytestmark = pytest.mark.brax
+
+
+def test_stage_writes_model_sweep_and_meta(tiny_diffusion):
+    directory = tiny_diffusion / "diffusion"
+    meta = json.loads((directory / "meta.json").read_text())
+    sweep = json.loads((directory / "guidance_sweep.json").read_text())
+    assert [r["guidance"] for r in sweep["rows"]] == [0.0, 2.0]
+    assert sweep["picked"] == meta["guidance"]
+    best = min(sweep["rows"], key=lambda r: r["measure_error"])
+    assert best["guidance"] == sweep["picked"]
+    assert all(np.isfinite(r["mean_return"]) for r in sweep["rows"])
+    assert (
+        meta["denoiser_params"] > 0 and not (directory / "meta.partial.json").exists()
+    )
+    rows = logs.read_metrics(directory)
+    assert [r["step"] for r in rows] == [20, 40]
+
+
+def test_resume_equals_uninterrupted(
+    tiny_diffusion, tiny_config_path, tmp_path, monkeypatch
+):
+    class Killed(Exception):
+        pass
+
+    real_write = logs.MetricsWriter.write
+
+    def write_then_die(self, step, metrics):
+        real_write(self, step, metrics)
+        raise Killed
+
+    for stage in ("archive", "codec"):
+        shutil.copytree(tiny_diffusion / stage, tmp_path / stage)
+    config = load_config(tiny_config_path)
+    monkeypatch.setattr(logs.MetricsWriter, "write", write_then_die)
+    with pytest.raises(Killed):
+        diffusion_stage.run_diffusion_stage(config, tmp_path)
+    monkeypatch.setattr(logs.MetricsWriter, "write", real_write)
+    diffusion_stage.run_diffusion_stage(config, tmp_path)
+    assert logs.read_metrics(tmp_path / "diffusion") == logs.read_metrics(
+        tiny_diffusion / "diffusion"
+    )
+    a = json.loads((tmp_path / "diffusion/guidance_sweep.json").read_text())
+    b = json.loads((tiny_diffusion / "diffusion/guidance_sweep.json").read_text())
+    assert a == b
+
+
+def test_sample_writes_policies_deterministically(tiny_diffusion, tmp_path, capsys):
+    args = ["sample", "--workdir", str(tiny_diffusion), "--descriptor", "0.2,0.8"]
+    assert main(args + ["--num", "3", "--out", str(tmp_path / "a.npz")]) == 0
+    assert main(args + ["--num", "3", "--out", str(tmp_path / "b.npz")]) == 0
+    archive_meta = json.loads((tiny_diffusion / "archive/meta.json").read_text())
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert set(a.files) == set(archive_meta["layout"]) | {"descriptors", "metadata"}
+        for path, shape in archive_meta["layout"].items():
+            assert a[path].shape == (3, *shape)
+            np.testing.assert_array_equal(a[path], b[path])
+        np.testing.assert_allclose(a["descriptors"], [[0.2, 0.8]] * 3, rtol=1e-6)
+        meta = json.loads(str(a["metadata"]))
+        assert meta["env"] == "walker2d_uni" and meta["steps"] == 10
+    rows = np.array([[0.1, 0.9], [0.5, 0.5]])
+    np.savetxt(tmp_path / "d.csv", rows, delimiter=",")
+    code = main(
+        [
+            "sample",
+            "--workdir",
+            str(tiny_diffusion),
+            "--descriptors-file",
+            str(tmp_path / "d.csv"),
+            "--num",
+            "2",
+            "--steps",
+            "10",
+            "--guidance",
+            "1",
+            "--out",
+            str(tmp_path / "c.npz"),
+        ]
+    )
+    assert code == 0
+    with np.load(tmp_path / "c.npz") as c:
+        np.testing.assert_allclose(c["descriptors"], np.repeat(rows, 2, axis=0))
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--descriptor", "0.2"], "has 2"),
+        (["--descriptor", "0.2,1.7"], "must lie in"),
+        (["--descriptor", "a,b"], "not comma-separated numbers"),
+        ([], "exactly one of"),
+        (["--descriptor", "0.2,0.2", "--steps", "0"], "--steps must lie"),
+        (["--descriptor", "0.2,0.2", "--sampler", "euler"], "unknown sampler"),
+    ],
+)
+def test_sample_errors(tiny_diffusion, tmp_path, capsys, extra, fragment):
+    out = tmp_path / "x.npz"
+    code = main(["sample", "--workdir", str(tiny_diffusion), "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("lpd: error:") and fragment in err, err
+    assert not out.exists()
+
+
+def test_diffusion_needs_a_codec(tiny_config_path, tmp_path, capsys):
+    code = main(
+        ["train-diffusion", "--config", tiny_config_path, "--workdir", str(tmp_path)]
+    )
+    assert code == 2 and "no complete codec" in capsys.readouterr().err
+    assert not (tmp_path / "diffusion").exists()
