@@ -205,3 +205,21 @@ def test_clipping_bounds_x0_of_an_epsilon_model():
             assert np.all(np.abs(np.asarray(x0)) <= clip)
         else:
             assert np.any(np.abs(np.asarray(x0)) > 3.0)
+
+
+def test_unet_denoiser_shapes_and_null_condition():
+    model = diffusion.UNet1D(latent_dim=16, channels=(8, 16), width=16)
+    params = model.init(jax.random.key(0), jnp.zeros(16), 0, jnp.zeros(2), False)
+    # Give the zero-initialised output layers weights so the output can vary.
+    params = jax.tree.map(
+        lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), params
+    )
+    x = jax.random.normal(jax.random.key(2), (16,))
+    outs = {
+        (c, drop): model.apply(params, x, 7, jnp.array([c, 0.5]), drop)
+        for c in (0.0, 1.0)
+        for drop in (False, True)
+    }
+    assert outs[(0.0, False)].shape == (16,)
+    np.testing.assert_array_equal(outs[(0.0, True)], outs[(1.0, True)])
+    assert not np.allclose(outs[(0.0, False)], outs[(1.0, False)])

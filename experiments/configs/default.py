@@ -83,10 +83,12 @@ def get_diffusion_config() -> ml_collections.ConfigDict:
             num_timesteps=600,
             prediction="v",  # v or epsilon
             cond_dropout=0.1,  # trains the null condition used by guidance
-            num_tokens=8,  # the latent is cut into this many tokens
+            architecture="transformer",  # transformer or unet
+            num_tokens=8,  # transformer: the latent is cut into this many tokens
             width=64,
             depth=3,
             num_heads=4,
+            unet_channels=(40, 80),  # unet: channels per resolution
             num_steps=10_000,
             log_period=500,
             batch_size=128,

@@ -135,6 +135,58 @@ class Denoiser(nn.Module):
         return out.reshape(self.latent_dim)
 
 
+class FiLMResBlock(nn.Module):
+    """1-D residual block; the conditioning vector shifts and scales its middle."""
+
+    channels: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        h = nn.Conv(self.channels, (3,))(nn.silu(nn.GroupNorm(num_groups=8)(x)))
+        scale, shift = jnp.split(nn.Dense(2 * self.channels)(nn.silu(c)), 2)
+        h = nn.GroupNorm(num_groups=8)(h) * (1 + scale) + shift
+        h = nn.Conv(self.channels, (3,), kernel_init=nn.initializers.zeros)(nn.silu(h))
+        if x.shape[-1] != self.channels:
+            x = nn.Conv(self.channels, (1,))(x)
+        return x + h
+
+
+class UNet1D(nn.Module):
+    """Noisy latent ``[L]`` as a one-channel signal through a 1-D U-Net.
+
+    Same inputs and output as :class:`Denoiser`; the timestep and the
+    condition reach every residual block through FiLM.
+    """
+
+    latent_dim: int
+    channels: tuple[int, ...] = (32, 64)
+    width: int = 64
+    conditioner: nn.Module = None
+
+    @nn.compact
+    def __call__(self, x, t, cond, drop):
+        if self.latent_dim % 2 ** len(self.channels):
+            raise ValueError("latent_dim must be divisible by 2 ** len(channels)")
+        time = timestep_embedding(t, self.width)
+        c = nn.Dense(self.width)(nn.silu(nn.Dense(self.width)(time)))
+        conditioner = self.conditioner or DescriptorConditioner(self.width)
+        c = c + conditioner(cond, drop)
+        h = nn.Conv(self.channels[0], (3,))(x[:, None])
+        skips = []
+        for channels in self.channels:
+            h = FiLMResBlock(channels)(h, c)
+            skips.append(h)
+            h = nn.avg_pool(h, (2,), strides=(2,))
+        h = FiLMResBlock(self.channels[-1])(h, c)
+        for channels, skip in zip(
+            reversed(self.channels), reversed(skips), strict=True
+        ):
+            h = jnp.repeat(h, 2, axis=0)
+            h = FiLMResBlock(channels)(jnp.concatenate([h, skip], axis=-1), c)
+        out = nn.Conv(1, (3,), kernel_init=nn.initializers.zeros)(nn.silu(h))
+        return out[:, 0]
+
+
 def diffusion_loss(params, model, schedule, x0, cond, key, prediction, cond_dropout):
     """DDPM objective on ``x0 [B, L]`` with conditions ``cond [B, D]``.
 

@@ -45,7 +45,15 @@ def diffusion_dir(workdir) -> Path:
     return Path(workdir) / "diffusion"
 
 
+ARCHITECTURES = ("transformer", "unet")
+
+
 def make_denoiser(c: ml_collections.ConfigDict, latent_dim: int):
+    """The transformer (default) or 1-D U-Net denoiser of ``config.diffusion``."""
+    if c.architecture == "unet":
+        return diffusion_lib.UNet1D(
+            latent_dim=latent_dim, channels=tuple(c.unet_channels), width=c.width
+        )
     return diffusion_lib.Denoiser(
         latent_dim=latent_dim,
         num_tokens=c.num_tokens,
@@ -61,9 +69,16 @@ def _validate(c: ml_collections.ConfigDict, latent_dim: int) -> None:
             f"diffusion.num_steps ({c.num_steps}) must be a positive multiple of "
             f"diffusion.log_period ({c.log_period})"
         )
+    if c.architecture not in ARCHITECTURES:
+        raise LpdError(f"diffusion.architecture must be one of {ARCHITECTURES}")
+    if c.architecture == "unet" and latent_dim % 2 ** len(c.unet_channels):
+        raise LpdError(
+            f"the latent ({latent_dim}) must be divisible by 2 ** "
+            f"len(diffusion.unet_channels) for the U-Net"
+        )
     if c.prediction not in PREDICTIONS:
         raise LpdError(f"diffusion.prediction must be one of {PREDICTIONS}")
-    if latent_dim % c.num_tokens:
+    if c.architecture == "transformer" and latent_dim % c.num_tokens:
         raise LpdError(
             f"the latent ({latent_dim}) must split into diffusion.num_tokens "
             f"({c.num_tokens}) equal tokens"
