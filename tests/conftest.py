@@ -56,3 +56,29 @@ def tiny_diffusion(tiny_codec, tiny_config_path, tmp_path_factory):
         shutil.copytree(tiny_codec / stage, workdir / stage)
     diffusion_stage.run_diffusion_stage(load_config(tiny_config_path), workdir)
     return workdir
+
+
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+@pytest.fixture
+def run_killed_after():
+    """``run_killed_after(step, fn)``: runs ``fn()``, killing it right after the
+    metrics of ``step`` are logged (so after that step's checkpoint)."""
+    from lpd import logs
+
+    def run(step, fn):
+        real_write = logs.MetricsWriter.write
+
+        def write_then_die(self, logged_step, metrics):
+            real_write(self, logged_step, metrics)
+            if logged_step == step:
+                raise Killed
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(logs.MetricsWriter, "write", write_then_die)
+            with pytest.raises(Killed):
+                fn()
+
+    return run

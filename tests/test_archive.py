@@ -48,26 +48,16 @@ def test_artifact_holds_archive_and_metadata(tiny_archive):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(
-    tiny_archive, tiny_config_path, tmp_path, monkeypatch
+    tiny_archive, tiny_config_path, tmp_path, run_killed_after, caplog
 ):
-    class KilledAfterFirstChunk(Exception):
-        pass
-
-    real_write = logs.MetricsWriter.write
-
-    def write_then_die(self, step, metrics):
-        real_write(self, step, metrics)
-        if step == 2:  # The first chunk is checkpointed and logged: kill the run.
-            raise KilledAfterFirstChunk
-
     config = load_config(tiny_config_path)
-    monkeypatch.setattr(logs.MetricsWriter, "write", write_then_die)
-    with pytest.raises(KilledAfterFirstChunk):
-        archive.run_archive_stage(config, tmp_path)
-    monkeypatch.setattr(logs.MetricsWriter, "write", real_write)
+    # Step 0 is the initial population; step 2 ends the first chunk.
+    run_killed_after(2, lambda: archive.run_archive_stage(config, tmp_path))
     assert not (tmp_path / "archive" / "meta.json").exists()
 
-    archive.run_archive_stage(config, tmp_path)
+    with caplog.at_level("INFO"):
+        archive.run_archive_stage(config, tmp_path)
+    assert "resuming from iteration 2" in caplog.text  # Not a fresh start.
     resumed, _ = archive_io.load_archive(tmp_path)
     uninterrupted, _ = archive_io.load_archive(tiny_archive)
     _assert_same_archive(resumed, uninterrupted)

@@ -49,25 +49,15 @@ def test_report_latents_and_meta(codec_run):
 
 
 def test_resume_equals_uninterrupted(
-    codec_run, tiny_archive, tiny_config_path, tmp_path, monkeypatch
+    codec_run, tiny_archive, tiny_config_path, tmp_path, run_killed_after, caplog
 ):
-    class Killed(Exception):
-        pass
-
-    real_write = logs.MetricsWriter.write
-
-    def write_then_die(self, step, metrics):
-        real_write(self, step, metrics)
-        raise Killed
-
     workdir = _workdir_with_archive(tiny_archive, tmp_path)
     config = load_config(tiny_config_path)
-    monkeypatch.setattr(logs.MetricsWriter, "write", write_then_die)
-    with pytest.raises(Killed):
-        codec_stage.run_codec_stage(config, workdir)
-    monkeypatch.setattr(logs.MetricsWriter, "write", real_write)
+    run_killed_after(20, lambda: codec_stage.run_codec_stage(config, workdir))
     assert not (workdir / "codec/meta.json").exists()
-    codec_stage.run_codec_stage(config, workdir)
+    with caplog.at_level("INFO"):
+        codec_stage.run_codec_stage(config, workdir)
+    assert "resuming from step 20" in caplog.text  # Not a fresh start.
     for name in ("latents", "descriptors", "cells"):
         with (
             np.load(workdir / "codec/latents.npz") as a,

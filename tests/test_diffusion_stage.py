@@ -30,25 +30,15 @@ def test_stage_writes_model_sweep_and_meta(tiny_diffusion):
 
 
 def test_resume_equals_uninterrupted(
-    tiny_diffusion, tiny_config_path, tmp_path, monkeypatch
+    tiny_diffusion, tiny_config_path, tmp_path, run_killed_after, caplog
 ):
-    class Killed(Exception):
-        pass
-
-    real_write = logs.MetricsWriter.write
-
-    def write_then_die(self, step, metrics):
-        real_write(self, step, metrics)
-        raise Killed
-
     for stage in ("archive", "codec"):
         shutil.copytree(tiny_diffusion / stage, tmp_path / stage)
     config = load_config(tiny_config_path)
-    monkeypatch.setattr(logs.MetricsWriter, "write", write_then_die)
-    with pytest.raises(Killed):
+    run_killed_after(20, lambda: diffusion_stage.run_diffusion_stage(config, tmp_path))
+    with caplog.at_level("INFO"):
         diffusion_stage.run_diffusion_stage(config, tmp_path)
-    monkeypatch.setattr(logs.MetricsWriter, "write", real_write)
-    diffusion_stage.run_diffusion_stage(config, tmp_path)
+    assert "resuming from step 20" in caplog.text  # Not a fresh start.
     assert logs.read_metrics(tmp_path / "diffusion") == logs.read_metrics(
         tiny_diffusion / "diffusion"
     )
