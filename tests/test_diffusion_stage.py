@@ -103,6 +103,21 @@ def test_sample_errors(tiny_diffusion, tmp_path, capsys, extra, fragment):
     assert not out.exists()
 
 
+def test_sample_needs_a_trained_denoiser(tiny_codec, tmp_path, capsys):
+    code = main(
+        [
+            "sample",
+            "--workdir",
+            str(tiny_codec),
+            "--descriptor",
+            "0.5,0.5",
+            "--out",
+            str(tmp_path / "x.npz"),
+        ]
+    )
+    assert code == 2 and "no complete diffusion stage" in capsys.readouterr().err
+
+
 def test_diffusion_needs_a_codec(tiny_config_path, tmp_path, capsys):
     code = main(
         ["train-diffusion", "--config", tiny_config_path, "--workdir", str(tmp_path)]

@@ -386,6 +386,11 @@ def sample_to_npz(workdir, conditions, num, guidance, steps, eta, sampler, seed,
         raise LpdError(f"{out} already exists; choose another --out or delete it")
     if num <= 0:
         raise LpdError("--num must be > 0")
+    if not (diffusion_dir(workdir) / "meta.json").exists():
+        raise LpdError(
+            f"no complete diffusion stage in {diffusion_dir(workdir)}: run "
+            "`lpd train-diffusion` with this --workdir first"
+        )
     gen = load_generator(workdir)
     if guidance is None:
         guidance = json.loads((diffusion_dir(workdir) / "meta.json").read_text())[
