@@ -215,8 +215,14 @@ def load_generator(workdir) -> Generator:
     )
     archive_meta = archive_io.load_meta(workdir)
     codec_meta = json.loads((codec_stage.codec_dir(workdir) / "meta.json").read_text())
-    codec = codec_stage.make_model(config.codec, archive_meta["layout"])
-    denoiser = make_denoiser(config.diffusion, codec_meta["latent_dim"])
+    try:
+        codec = codec_stage.make_model(config.codec, archive_meta["layout"])
+        denoiser = make_denoiser(config.diffusion, codec_meta["latent_dim"])
+    except (AttributeError, KeyError) as e:
+        raise LpdError(
+            f"{directory / 'config.json'} lacks a field this lpd needs ({e}); it was "
+            "written by an older version: rerun the stages into a new --workdir"
+        ) from e
     flat_template = {
         p: jax.ShapeDtypeStruct(tuple(s), jnp.float32)
         for p, s in archive_meta["layout"].items()
