@@ -65,7 +65,7 @@ def bench_codec(config, num_policies=1024):
         state = [codec_train.TrainState(fresh, optimizer.init(fresh))]
 
         def run(chunk=chunk, state=state):
-            state[0], metrics = chunk(state[0], data, stats, jnp.int32(0), key)
+            state[0], metrics = chunk(state[0], (data, stats), jnp.int32(0), key)
             return metrics
 
         steps = c.log_period / common.best_time(run, 2)

@@ -65,7 +65,7 @@ def bench_diffusion(config, latent_dim=None, num_descriptors=2):
     ]
 
     def run():
-        state[0], metrics = chunk(state[0], latents, descriptors, jnp.int32(0), key)
+        state[0], metrics = chunk(state[0], (latents, descriptors), jnp.int32(0), key)
         return metrics
 
     result["train_steps_per_s"] = round(c.log_period / common.best_time(run, 2), 1)

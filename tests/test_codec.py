@@ -106,8 +106,8 @@ def test_tiny_archive_is_overfit(functional):
     chunk = codec_train.make_train_chunk(model, policy, optimizer, weights, 300, 6)
     params = model.init(jax.random.key(0), jax.tree.map(lambda x: x[0], inputs))
     state = codec_train.TrainState(params, optimizer.init(params))
-    state, first = chunk(state, data, stats, jnp.int32(0), jax.random.key(1))
-    state, last = chunk(state, data, stats, jnp.int32(300), jax.random.key(1))
+    state, first = chunk(state, (data, stats), jnp.int32(0), jax.random.key(1))
+    state, last = chunk(state, (data, stats), jnp.int32(300), jax.random.key(1))
     assert last["reconstruction"] < 0.02 < first["reconstruction"]
     decoded = jax.vmap(lambda x: model.apply(state.params, x))(inputs)
     decoded = codec_lib.unstandardise(stats, decoded)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from lpd import archive_io, checkpoints, plots, qd
 from lpd import policy as policy_lib
-from lpd.config import check_stage_config, config_to_dict
+from lpd.config import config_to_dict, stage_complete
 from lpd.devices import batch_sharding
 from lpd.errors import LpdError
 from lpd.logs import MetricsWriter, write_json_atomic
@@ -194,8 +194,7 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     """
     directory = archive_io.archive_dir(workdir)
     config_dict = config_to_dict(config)
-    check_stage_config(directory, config_dict, "archive")
-    if (directory / "meta.json").exists():
+    if stage_complete(directory, config_dict, "archive"):
         log.info("archive: complete in %s, skipping", directory)
         return directory
     _validate(config)

@@ -17,15 +17,14 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import flax.struct
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
+from lpd import checkpoints
 from lpd import policy as policy_lib
 from lpd.errors import LpdError
 from lpd.logs import write_json_atomic
@@ -99,11 +98,7 @@ def save_archive(workdir, archive: Archive, meta: dict, plot_fn=None) -> None:
     """Writes the archive, optionally its plot, and ``meta.json`` last."""
     directory = archive_dir(workdir)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "repertoire"
-    if target.exists():  # Left by an interrupted save; meta.json was not written.
-        shutil.rmtree(target)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(target.absolute(), archive)
+    checkpoints.save_tree(directory / "repertoire", archive)
     if plot_fn is not None:
         plot_fn(archive, meta, directory / "heatmap.png")
     write_json_atomic(directory / "meta.json", meta)
@@ -125,16 +120,8 @@ def load_meta(workdir) -> dict:
 def load_archive(workdir) -> tuple[Archive, dict]:
     """The archive of ``workdir`` and its metadata."""
     meta = load_meta(workdir)
-    path = (archive_dir(workdir) / "repertoire").absolute()
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            archive = checkpointer.restore(path, _template(meta))
-    except Exception as e:  # orbax raises many types for damaged files.
-        raise LpdError(
-            f"archive at {path} is missing or corrupt ({type(e).__name__}); "
-            f"delete {archive_dir(workdir)} and run the stage again"
-        ) from e
-    return archive, meta
+    path = archive_dir(workdir) / "repertoire"
+    return checkpoints.load_tree(path, _template(meta), "the archive"), meta
 
 
 def export_npz(workdir, out: str | os.PathLike) -> Path:

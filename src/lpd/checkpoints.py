@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -31,4 +32,29 @@ def restore(manager: ocp.CheckpointManager, step: int, template, directory: Path
         raise LpdError(
             f"checkpoint {step} in {directory / 'checkpoints'} is corrupt or "
             f"incompatible ({type(e).__name__}); delete that directory to restart"
+        ) from e
+
+
+def save_tree(path: Path, tree) -> None:
+    """Writes a stage's final pytree to ``path``, replacing a partial one.
+
+    A ``path`` left by an interrupted finish is removed first: the stage's
+    ``meta.json``, written after this, is what marks the stage complete.
+    """
+    path = path.absolute()
+    if path.exists():
+        shutil.rmtree(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, tree)
+
+
+def load_tree(path: Path, template, what: str):
+    """Reads a pytree written by :func:`save_tree` against ``template``."""
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path.absolute(), template)
+    except Exception as e:  # orbax raises many types for damaged files.
+        raise LpdError(
+            f"{what} at {path} is missing or corrupt ({type(e).__name__}); "
+            "delete its stage directory and run the stage again"
         ) from e

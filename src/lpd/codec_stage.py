@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from lpd import archive as archive_lib
-from lpd import archive_io, codec_train, evaluation, qd, training
+from lpd import archive_io, checkpoints, codec_train, evaluation, qd, training
 from lpd import codec as codec_lib
 from lpd import policy as policy_lib
-from lpd.config import check_stage_config, config_to_dict
+from lpd.config import config_to_dict, stage_complete
 from lpd.devices import batch_sharding
 from lpd.errors import LpdError
 from lpd.logs import write_json_atomic
@@ -70,8 +68,7 @@ def run_codec_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     """Trains (or resumes, or skips when complete) the codec; returns its dir."""
     directory = codec_dir(workdir)
     config_dict = config_to_dict(config)
-    check_stage_config(directory, config_dict, "codec")
-    if (directory / "meta.json").exists():
+    if stage_complete(directory, config_dict, "codec"):
         log.info("codec: complete in %s, skipping", directory)
         return directory
     c = config.codec
@@ -92,11 +89,7 @@ def run_codec_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     write_json_atomic(directory / "config.json", config_dict)
 
     params = _train(c, model, policy, stats, data, (key_init, key_train), directory)
-    with ocp.StandardCheckpointer() as checkpointer:
-        target = (directory / "model").absolute()
-        if target.exists():  # Left by an interrupted finish; meta.json is absent.
-            shutil.rmtree(target)
-        checkpointer.save(target, {"params": params, "stats": stats})
+    checkpoints.save_tree(directory / "model", {"params": params, "stats": stats})
     scale = _write_latents(model, params, data, archive, idx, directory)
     report = reconstruction_report(
         c, model, params, stats, flat, (env, policy), archive, key_eval
@@ -171,7 +164,7 @@ def _train(c, model, policy, stats, data, keys, directory):
 
     def run_chunk(state, start):
         state, metrics = chunk_fn(
-            codec_train.TrainState(**state), data, stats, start, key_train
+            codec_train.TrainState(**state), (data, stats), start, key_train
         )
         return state._asdict(), metrics
 

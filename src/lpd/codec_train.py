@@ -12,6 +12,7 @@ import optax
 
 from lpd import codec as codec_lib
 from lpd import policy as policy_lib
+from lpd import training
 
 
 class LossWeights(NamedTuple):
@@ -114,13 +115,14 @@ def action_error(policy, stats, decoded, obs, actions) -> jax.Array:
 def make_train_chunk(
     model, policy, optimizer, weights: LossWeights, num_steps: int, batch_size: int
 ) -> Callable:
-    """Jitted ``(state, data, stats, start, key) -> (state, mean metrics)``.
+    """Jitted ``(state, (data, stats), start, key) -> (state, mean metrics)``.
 
     Step ``s`` draws its minibatch and noise from ``fold_in(key, s)``, so a
     resumed run repeats an uninterrupted one.
     """
 
-    def train_step(state: TrainState, data: CodecData, stats, step, key):
+    def train_step(state: TrainState, inputs, step, key):
+        data, stats = inputs
         key_step = jax.random.fold_in(key, step)
         key_batch, key_loss = jax.random.split(key_step)
         num = data.obs.shape[0]
@@ -135,11 +137,4 @@ def make_train_chunk(
         metrics["grad_norm"] = optax.global_norm(grads)
         return TrainState(params, opt_state), metrics
 
-    def chunk(state, data, stats, start, key):
-        def body(state, step):
-            return train_step(state, data, stats, step, key)
-
-        state, metrics = jax.lax.scan(body, state, start + jnp.arange(num_steps))
-        return state, jax.tree.map(jnp.mean, metrics)
-
-    return jax.jit(chunk, donate_argnums=(0,))
+    return training.scan_steps(train_step, num_steps)

@@ -113,8 +113,11 @@ def diff_configs(old: dict, new: dict, prefix: str = "config") -> list[str]:
     return diffs
 
 
-def check_stage_config(directory, config_dict: dict, section: str) -> None:
-    """Refuses a stage directory made with another ``config.<section>`` or seed.
+def stage_complete(directory, config_dict: dict, section: str) -> bool:
+    """Whether a stage's directory holds a complete run of this config.
+
+    Refuses (``LpdError``) a directory made with another ``config.<section>``
+    or seed; a complete stage has its ``meta.json``, written last.
 
     Args:
         directory: the stage's directory (``<workdir>/<stage>``).
@@ -123,7 +126,7 @@ def check_stage_config(directory, config_dict: dict, section: str) -> None:
     """
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
-        return
+        return False
     with open(path) as f:
         old = json.load(f)
     diffs = diff_configs(old.get(section, {}), config_dict[section], section)
@@ -134,3 +137,4 @@ def check_stage_config(directory, config_dict: dict, section: str) -> None:
             f"{directory} was made with a different config ({'; '.join(diffs[:3])}); "
             "use another --workdir or delete that directory"
         )
+    return os.path.exists(os.path.join(directory, "meta.json"))

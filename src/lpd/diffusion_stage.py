@@ -12,9 +12,9 @@ Reads ``<workdir>/codec``; writes ``<workdir>/diffusion/``:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,14 +23,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from lpd import archive as archive_lib
-from lpd import archive_io, codec_stage, codec_train, evaluation, qd, training
+from lpd import (
+    archive_io,
+    checkpoints,
+    codec_stage,
+    codec_train,
+    evaluation,
+    qd,
+    training,
+)
 from lpd import codec as codec_lib
 from lpd import diffusion as diffusion_lib
 from lpd import policy as policy_lib
-from lpd.config import check_stage_config, config_to_dict
+from lpd.config import config_to_dict, stage_complete
 from lpd.errors import LpdError
 from lpd.logs import write_json_atomic
 
@@ -99,9 +106,10 @@ def _load_latents(workdir):
 
 
 def make_train_chunk(model, schedule, optimizer, c, num_steps):
-    """Jitted ``(state, latents [N, L], descriptors [N, D], start, key)``."""
+    """Jitted ``(state, (latents [N, L], descriptors [N, D]), start, key)``."""
 
-    def train_step(state, latents, descriptors, step, key):
+    def train_step(state, data, step, key):
+        latents, descriptors = data
         key_batch, key_loss = jax.random.split(jax.random.fold_in(key, step))
         idx = jax.random.randint(key_batch, (c.batch_size,), 0, latents.shape[0])
         loss, grads = jax.value_and_grad(diffusion_lib.diffusion_loss)(
@@ -122,22 +130,14 @@ def make_train_chunk(model, schedule, optimizer, c, num_steps):
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
         return {"params": params, "ema": ema, "opt_state": opt_state}, metrics
 
-    def chunk(state, latents, descriptors, start, key):
-        def body(state, step):
-            return train_step(state, latents, descriptors, step, key)
-
-        state, metrics = jax.lax.scan(body, state, start + jnp.arange(num_steps))
-        return state, jax.tree.map(jnp.mean, metrics)
-
-    return jax.jit(chunk, donate_argnums=(0,))
+    return training.scan_steps(train_step, num_steps)
 
 
 def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     """Trains (or resumes, or skips when complete) the denoiser; returns its dir."""
     directory = diffusion_dir(workdir)
     config_dict = config_to_dict(config)
-    check_stage_config(directory, config_dict, "diffusion")
-    if (directory / "meta.json").exists():
+    if stage_complete(directory, config_dict, "diffusion"):
         log.info("diffusion: complete in %s, skipping", directory)
         return directory
     c = config.diffusion
@@ -162,19 +162,14 @@ def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     state = training.run_chunks(
         directory,
         init_state,
-        lambda s, start: chunk_fn(s, latents, descriptors, start, key_train),
+        lambda s, start: chunk_fn(s, (latents, descriptors), start, key_train),
         c.num_steps,
         c.log_period,
         "diffusion",
     )
-    target = (directory / "model").absolute()
-    if target.exists():  # Left by an interrupted finish; meta.json is absent.
-        shutil.rmtree(target)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(target, {"ema": state["ema"]})
+    checkpoints.save_tree(directory / "model", {"ema": state["ema"]})
     denoiser_params = int(sum(x.size for x in jax.tree.leaves(state["ema"])))
     meta = {"denoiser_params": denoiser_params, "latent_dim": int(latents.shape[1])}
-    write_json_atomic(directory / "meta.partial.json", meta)
     sweep = guidance_sweep(config, workdir, key_sweep)
     write_json_atomic(directory / "guidance_sweep.json", sweep)
     log.info("diffusion: guidance %s picked (lowest measure error)", sweep["picked"])
@@ -184,7 +179,6 @@ def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         config=config_dict,
     )
     write_json_atomic(directory / "meta.json", meta)
-    (directory / "meta.partial.json").unlink()
     return directory
 
 
@@ -205,8 +199,7 @@ class Generator(NamedTuple):
 def load_generator(workdir) -> Generator:
     """Loads the codec and the denoiser of a workdir (trained stages)."""
     directory = diffusion_dir(workdir)
-    meta_path = directory / "meta.json"
-    if not meta_path.exists() and not (directory / "meta.partial.json").exists():
+    if not (directory / "model").exists():
         raise LpdError(
             f"no trained denoiser in {directory}: run `lpd train-diffusion` first"
         )
@@ -234,20 +227,14 @@ def load_generator(workdir) -> Generator:
     denoiser_template = jax.eval_shape(
         denoiser.init, jax.random.key(0), latent, 0, cond, False
     )
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            codec_state = checkpointer.restore(
-                (codec_stage.codec_dir(workdir) / "model").absolute(),
-                {"params": codec_template, "stats": stats_template},
-            )
-            ema = checkpointer.restore(
-                (directory / "model").absolute(), {"ema": denoiser_template}
-            )["ema"]
-    except Exception as e:  # orbax raises many types for damaged files.
-        raise LpdError(
-            f"the codec or denoiser model in {workdir} is missing or corrupt "
-            f"({type(e).__name__}); rerun the stage that wrote it"
-        ) from e
+    codec_state = checkpoints.load_tree(
+        codec_stage.codec_dir(workdir) / "model",
+        {"params": codec_template, "stats": stats_template},
+        "the codec model",
+    )
+    ema = checkpoints.load_tree(
+        directory / "model", {"ema": denoiser_template}, "the denoiser model"
+    )["ema"]
     return Generator(
         config=config,
         archive_meta=archive_meta,
@@ -261,15 +248,18 @@ def load_generator(workdir) -> Generator:
     )
 
 
-def make_sample_fn(gen: Generator, guidance, steps, eta, sampler) -> callable:
-    """Jitted ``(conditions [B, D], key) -> flat policy params {path: [B, ...]}``."""
+def make_sample_fn(gen: Generator, steps, eta, sampler) -> callable:
+    """Jitted ``(conditions [B, D], key, guidance) -> flat params {path: [B, ...]}``.
+
+    The guidance scale is an argument, so one compile serves every scale.
+    """
     if sampler not in SAMPLERS:
         raise LpdError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if steps <= 0 or steps > gen.schedule.num_timesteps:
         raise LpdError(f"--steps must lie in [1, {gen.schedule.num_timesteps}]")
     prediction = gen.config.diffusion.prediction
 
-    def sample(cond, key):
+    def sample(cond, key, guidance):
         key_noise, key_sample = jax.random.split(key)
         latent_dim = gen.codec.latent_dim
         x_T = jax.random.normal(key_noise, (cond.shape[0], latent_dim))
@@ -314,11 +304,14 @@ def guidance_sweep(config, workdir, key) -> dict:
         c.sweep_batch_size,
     )
     key_sample, key_eval = jax.random.split(key)
+    sample_fn = make_sample_fn(gen, c.sample_steps, c.eta, "ddim")
     rows = []
     for guidance in c.sweep_guidance:
-        sample_fn = make_sample_fn(gen, guidance, c.sample_steps, c.eta, "ddim")
         flat = evaluation.map_in_batches(
-            sample_fn, cond, c.sweep_batch_size, key_sample
+            functools.partial(sample_fn, guidance=jnp.float32(guidance)),
+            cond,
+            c.sweep_batch_size,
+            key_sample,
         )
         returns, achieved = evaluation.map_in_batches(
             eval_fn,
@@ -405,8 +398,9 @@ def sample_to_npz(workdir, conditions, num, guidance, steps, eta, sampler, seed,
     if steps is None:
         steps = gen.config.diffusion.sample_steps
     cond = np.repeat(conditions, num, axis=0)
-    sample_fn = make_sample_fn(gen, guidance, steps, eta, sampler)
-    flat = jax.device_get(sample_fn(jnp.asarray(cond), jax.random.key(seed)))
+    sample_fn = make_sample_fn(gen, steps, eta, sampler)
+    flat = sample_fn(jnp.asarray(cond), jax.random.key(seed), jnp.float32(guidance))
+    flat = jax.device_get(flat)
     meta = {
         key: gen.archive_meta[key]
         for key in ("env", "backend", "episode_length", "policy", "descriptor_names")

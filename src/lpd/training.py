@@ -18,6 +18,25 @@ from lpd.logs import MetricsWriter
 log = logging.getLogger(__name__)
 
 
+def scan_steps(train_step: Callable, num_steps: int) -> Callable:
+    """Jitted ``chunk(state, data, start, key) -> (state, mean metrics)``.
+
+    Runs ``train_step(state, data, step, key)`` for ``step`` in ``start ..
+    start + num_steps - 1`` as one ``lax.scan``, with ``state`` donated; the
+    step draws its randomness from ``fold_in(key, step)``, so a resumed run
+    repeats an uninterrupted one.
+    """
+
+    def chunk(state, data, start, key):
+        def body(state, step):
+            return train_step(state, data, step, key)
+
+        state, metrics = jax.lax.scan(body, state, start + jnp.arange(num_steps))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return jax.jit(chunk, donate_argnums=(0,))
+
+
 def run_chunks(
     directory: Path,
     init_state: Callable[[], dict],
