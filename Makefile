@@ -20,15 +20,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install the pinned stack (once)
 
-run: setup  ## run the default pipeline on CPU into runs/default
-	$(BIN)/lpd archive --config $(CONFIG) --workdir $(WORKDIR)
-	$(BIN)/lpd train-codec --config $(CONFIG) --workdir $(WORKDIR)
-	$(BIN)/lpd train-diffusion --config $(CONFIG) --workdir $(WORKDIR)
+run: setup  ## run the default pipeline on CPU into runs/default (report in report/)
+	$(BIN)/lpd run --config $(CONFIG) --workdir $(WORKDIR)
 
 smoke: setup  ## run the pipeline on the tiny config into runs/smoke
-	$(BIN)/lpd archive --config experiments/configs/tiny.py --workdir runs/smoke
-	$(BIN)/lpd train-codec --config experiments/configs/tiny.py --workdir runs/smoke
-	$(BIN)/lpd train-diffusion --config experiments/configs/tiny.py --workdir runs/smoke
+	$(BIN)/lpd run --config experiments/configs/tiny.py --workdir runs/smoke
 
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest -q
@@ -41,6 +37,7 @@ bench: setup  ## benchmarks -> benchmarks/results/*.json
 	$(BIN)/python benchmarks/bench_archive.py
 	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_diffusion.py
+	$(BIN)/python benchmarks/bench_evaluate.py
 
 clean:  ## remove the venv and run outputs
 	rm -rf $(VENV) runs

@@ -58,6 +58,22 @@ def tiny_diffusion(tiny_codec, tiny_config_path, tmp_path_factory):
     return workdir
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tiny_diffusion, tiny_config_path, tmp_path_factory):
+    """``lpd run`` on a copy of the tiny diffusion workdir: the three trained
+    stages are complete (and skipped), evaluate runs; returns the workdir."""
+    import shutil
+
+    from lpd.cli import main
+
+    workdir = tmp_path_factory.mktemp("run")
+    for stage in ("archive", "codec", "diffusion"):
+        shutil.copytree(tiny_diffusion / stage, workdir / stage)
+    code = main(["run", "--config", tiny_config_path, "--workdir", str(workdir)])
+    assert code == 0
+    return workdir
+
+
 class Killed(Exception):
     """Stands for the process being killed."""
 

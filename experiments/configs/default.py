@@ -107,10 +107,25 @@ def get_diffusion_config() -> ml_collections.ConfigDict:
     )
 
 
+def get_evaluate_config() -> ml_collections.ConfigDict:
+    """Evaluation settings (the protocol of shared/method.md, section 5)."""
+    return ml_collections.ConfigDict(
+        dict(
+            episodes=8,  # random-reset episodes per policy (the paper: 50)
+            batch_size=0,  # policies per jitted call; 0: as many as fit in memory
+            memory_fraction=0.25,  # of device memory (CPU: RAM) rollouts may take
+            uniform_conditions=0,  # descriptors of the uniform sweep; 0: one per elite
+            # Guidance scale; unset: the diffusion stage's sweep pick.
+            guidance=ml_collections.config_dict.placeholder(float),
+        )
+    )
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.archive = get_archive_config()
     config.codec = get_codec_config()
     config.diffusion = get_diffusion_config()
+    config.evaluate = get_evaluate_config()
     return config

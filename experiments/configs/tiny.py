@@ -60,4 +60,6 @@ def get_config(env: str = "walker2d_uni") -> ml_collections.ConfigDict:
         sweep_batch_size=8,
         ema_decay=0.5,
     )
+    config.evaluate = default.get_evaluate_config()
+    config.evaluate.update(episodes=2, uniform_conditions=8)
     return config

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -192,6 +193,7 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     Returns:
         ``<workdir>/archive``.
     """
+    started = time.monotonic()
     directory = archive_io.archive_dir(workdir)
     config_dict = config_to_dict(config)
     if stage_complete(directory, config_dict, "archive"):
@@ -241,6 +243,7 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         num_elites=int(jnp.sum(archive.filled)),
         grid_shape=list(c.grid_shape) if c.tessellation == "grid" else None,
         iterations=c.num_iterations,
+        wall_time_s=round(time.monotonic() - started, 1),
         versions=archive_io.package_versions(),
         config=config_dict,
     )

@@ -19,6 +19,8 @@ STAGES = {  # Stage subcommands, which take a config and overrides.
     "train-codec": "train the weight codec on <workdir>/archive, write <workdir>/codec",
     "train-diffusion": "train the latent denoiser on <workdir>/codec, write "
     "<workdir>/diffusion",
+    "evaluate": "measure the generator against the archive, write <workdir>/report",
+    "run": "all stages in turn: archive, train-codec, train-diffusion, evaluate",
 }
 USAGE = "lpd <command> [options]; `lpd <command> -h` for help"
 
@@ -79,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--sampler", default="ddim", help="ddim or ddpm")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", required=True, help="path of the .npz to write")
+    render = commands.add_parser(
+        "render", help="write a Brax HTML viewer of one episode of a policy"
+    )
+    render.add_argument("--workdir", required=True)
+    render.add_argument("--descriptor", help="generate a policy for this descriptor")
+    render.add_argument("--elite", type=int, help="index of an archive elite instead")
+    render.add_argument("--guidance", type=float, help="default: the sweep's pick")
+    render.add_argument("--seed", type=int, default=0, help="sampling and reset seed")
+    render.add_argument("--out", required=True, help="path of the .html to write")
     imp = commands.add_parser(
         "import-archive", help="make <workdir>/archive from an archive .npz"
     )
@@ -103,27 +114,15 @@ def run(argv: list[str]) -> int:
     if overrides and args.command not in STAGES:
         raise LpdError(f"lpd {args.command} takes no --config overrides")
 
-    if args.command == "archive":
-        from lpd import archive
+    if args.command in STAGES:
+        from lpd import pipeline
         from lpd.config import load_config
 
         config = load_config(args.config, overrides)
-        directory = archive.run_archive_stage(config, args.workdir)
-        print(f"archive: written to {directory}")
-    elif args.command == "train-codec":
-        from lpd import codec_stage
-        from lpd.config import load_config
-
-        config = load_config(args.config, overrides)
-        directory = codec_stage.run_codec_stage(config, args.workdir)
-        print(f"train-codec: written to {directory}")
-    elif args.command == "train-diffusion":
-        from lpd import diffusion_stage
-        from lpd.config import load_config
-
-        config = load_config(args.config, overrides)
-        directory = diffusion_stage.run_diffusion_stage(config, args.workdir)
-        print(f"train-diffusion: written to {directory}")
+        names = pipeline.STAGES if args.command == "run" else [args.command]
+        for name in names:
+            directory = pipeline.STAGES[name](config, args.workdir)
+            print(f"{name}: written to {directory}")
     elif args.command == "sample":
         from lpd import archive_io, diffusion_stage
 
@@ -143,6 +142,15 @@ def run(argv: list[str]) -> int:
             args.out,
         )
         print(f"sample: wrote {num} policies to {out}")
+    elif args.command == "render":
+        from lpd import render
+
+        flat, what = _policy_to_render(args)
+        result = render.render_to_html(args.workdir, flat, args.seed, args.out)
+        print(
+            f"render: {what}: {result['steps']} steps, return {result['return']:.1f}, "
+            f"foot contact {result['descriptor']} -> {args.out}"
+        )
     elif args.command == "export-archive":
         from lpd import archive_io
 
@@ -158,6 +166,35 @@ def run(argv: list[str]) -> int:
         archive_io.save_archive(args.workdir, data, meta, plots.plot_archive_heatmap)
         print(f"import-archive: {meta['num_elites']} elites written to {target}")
     return 0
+
+
+def _policy_to_render(args) -> tuple[dict, str]:
+    """The policy ``lpd render`` asks for: a generated one or an archive elite."""
+    import jax
+    import jax.numpy as jnp
+
+    from lpd import archive_io, diffusion_stage
+
+    if (args.descriptor is None) == (args.elite is None):
+        raise LpdError("give exactly one of --descriptor and --elite")
+    if args.elite is not None:
+        archive, _ = archive_io.load_archive(args.workdir)
+        idx, flat = archive_io.elites(archive)
+        if not 0 <= args.elite < len(idx):
+            raise LpdError(f"--elite must lie in [0, {len(idx) - 1}]")
+        asked = [round(float(v), 3) for v in archive.descriptors[idx[args.elite]]]
+        return {
+            p: x[args.elite] for p, x in flat.items()
+        }, f"elite {args.elite} {asked}"
+    meta = archive_io.load_meta(args.workdir)
+    cond = diffusion_stage.parse_descriptors(args.descriptor, None, meta)
+    guidance = diffusion_stage.picked_guidance(args.workdir, args.guidance)
+    gen = diffusion_stage.load_generator(args.workdir)
+    sample_fn = diffusion_stage.make_sample_fn(
+        gen, gen.config.diffusion.sample_steps, 0.0, "ddim"
+    )
+    flat = sample_fn(jnp.asarray(cond), jax.random.key(args.seed), guidance)
+    return {p: x[0] for p, x in flat.items()}, f"generated for {args.descriptor}"
 
 
 def main(argv: list[str] | None = None) -> int:

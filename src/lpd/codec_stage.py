@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -66,6 +67,7 @@ def _validate(c: ml_collections.ConfigDict) -> None:
 
 def run_codec_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     """Trains (or resumes, or skips when complete) the codec; returns its dir."""
+    started = time.monotonic()
     directory = codec_dir(workdir)
     config_dict = config_to_dict(config)
     if stage_complete(directory, config_dict, "codec"):
@@ -92,7 +94,7 @@ def run_codec_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     checkpoints.save_tree(directory / "model", {"params": params, "stats": stats})
     scale = _write_latents(model, params, data, archive, idx, directory)
     report = reconstruction_report(
-        c, model, params, stats, flat, (env, policy), archive, key_eval
+        c, model, params, stats, flat, archive_meta, archive, key_eval
     )
     report["archive_elites"] = int(len(idx))
     write_json_atomic(directory / "reconstruction.json", report)
@@ -109,6 +111,7 @@ def run_codec_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         "layout": archive_meta["layout"],
         "decoder_params": report["decoder_params"],
         "standardiser_params": report["standardiser_params"],
+        "wall_time_s": round(time.monotonic() - started, 1),
         "versions": archive_io.package_versions(),
         "config": config_dict,
     }
@@ -198,13 +201,14 @@ def _write_latents(model, params, data, archive, idx, directory) -> float:
     return scale
 
 
-def reconstruction_report(c, model, params, stats, flat, task, archive, key) -> dict:
+def reconstruction_report(c, model, params, stats, flat, meta, archive, key) -> dict:
     """Decodes every elite and rolls both sets out with the same episodes.
 
-    Returns reward/coverage ratios, measure error, per-tensor relative error
-    and parameter counts.
+    Returns the fidelity metrics (:func:`lpd.evaluation.fidelity`; the asked
+    descriptors are the elites' stored ones), per-tensor relative error and
+    parameter counts.
     """
-    env, policy = task
+    env, policy = archive_lib.make_task(meta)
     inputs = codec_lib.standardise(stats, flat)
     reconstruct = jax.jit(
         lambda x: codec_lib.unstandardise(
@@ -218,8 +222,10 @@ def reconstruction_report(c, model, params, stats, flat, task, archive, key) -> 
         p: float(np.linalg.norm(decoded[p] - flat[p]) / np.linalg.norm(flat[p]))
         for p in sorted(flat)
     }
-    eval_fn = qd.make_episodes_eval_fn(
-        env, policy, env.episode_length, c.eval_episodes, c.eval_batch_size
+    eval_fn = jax.jit(
+        qd.make_episodes_eval_fn(
+            env, policy, env.episode_length, c.eval_episodes, c.eval_batch_size
+        )
     )
     original = evaluation.map_in_batches(
         eval_fn,
@@ -235,7 +241,13 @@ def reconstruction_report(c, model, params, stats, flat, task, archive, key) -> 
         key,
         "codec: evaluate decoded",
     )
-    report = evaluation.fidelity(original, generated, np.asarray(archive.centroids))
+    report = evaluation.fidelity(
+        original,
+        generated,
+        np.asarray(archive.descriptors)[np.asarray(archive.filled)],
+        np.asarray(archive.centroids),
+        meta["fitness_offset"],
+    )
     per_policy = policy_lib.count_params({p: x.shape[1:] for p, x in flat.items()})
     num = next(iter(flat.values())).shape[0]
     decoder_params = codec_lib.count_decoder_params(params)

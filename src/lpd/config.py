@@ -61,7 +61,10 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     old = node[leaf]
     if isinstance(old, ml_collections.ConfigDict):
         raise LpdError(f"config.{dotted} is a group; override one of its fields")
-    node[leaf] = _parse_value(raw, old, dotted)
+    try:
+        node[leaf] = _parse_value(raw, old, dotted)
+    except TypeError as e:  # A typed placeholder (unset field) refused the value.
+        raise LpdError(f"config.{dotted}={raw!r}: {e}") from None
 
 
 def _check_field(node: ml_collections.ConfigDict, name: str, parents: list) -> None:
@@ -76,8 +79,13 @@ def _check_field(node: ml_collections.ConfigDict, name: str, parents: list) -> N
 
 def _parse_value(raw: str, old: Any, dotted: str) -> Any:
     """Parses ``raw`` into the type of the value it replaces."""
-    if isinstance(old, str) or old is None:
+    if isinstance(old, str):
         return raw
+    if old is None:  # An unset field: a Python literal, else the string.
+        try:
+            return ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return raw
     try:
         if isinstance(old, bool):
             if raw.lower() not in ("true", "false", "1", "0"):

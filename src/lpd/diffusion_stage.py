@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -135,6 +136,7 @@ def make_train_chunk(model, schedule, optimizer, c, num_steps):
 
 def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     """Trains (or resumes, or skips when complete) the denoiser; returns its dir."""
+    started = time.monotonic()
     directory = diffusion_dir(workdir)
     config_dict = config_to_dict(config)
     if stage_complete(directory, config_dict, "diffusion"):
@@ -175,6 +177,7 @@ def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     log.info("diffusion: guidance %s picked (lowest measure error)", sweep["picked"])
     meta.update(
         guidance=sweep["picked"],
+        wall_time_s=round(time.monotonic() - started, 1),
         versions=archive_io.package_versions(),
         config=config_dict,
     )
@@ -296,12 +299,14 @@ def guidance_sweep(config, workdir, key) -> dict:
     pick = np.linspace(0, len(descriptors) - 1, c.sweep_conditions).round().astype(int)
     cond = jnp.asarray(descriptors[pick])
     env, policy = archive_lib.make_task(gen.archive_meta)
-    eval_fn = qd.make_episodes_eval_fn(
-        env,
-        policy,
-        gen.archive_meta["episode_length"],
-        c.sweep_episodes,
-        c.sweep_batch_size,
+    eval_fn = jax.jit(
+        qd.make_episodes_eval_fn(
+            env,
+            policy,
+            gen.archive_meta["episode_length"],
+            c.sweep_episodes,
+            c.sweep_batch_size,
+        )
     )
     key_sample, key_eval = jax.random.split(key)
     sample_fn = make_sample_fn(gen, c.sample_steps, c.eta, "ddim")
@@ -372,6 +377,22 @@ def parse_descriptors(text: str | None, path: str | None, meta: dict) -> np.ndar
     return rows.astype(np.float32)
 
 
+def picked_guidance(workdir, guidance: float | None) -> float:
+    """``guidance``, or when None the scale the stage's sweep picked.
+
+    Also checks the diffusion stage of ``workdir`` is complete.
+    """
+    path = diffusion_dir(workdir) / "meta.json"
+    if not path.exists():
+        raise LpdError(
+            f"no complete diffusion stage in {diffusion_dir(workdir)}: run "
+            "`lpd train-diffusion` with this --workdir first"
+        )
+    return float(
+        json.loads(path.read_text())["guidance"] if guidance is None else guidance
+    )
+
+
 def sample_to_npz(workdir, conditions, num, guidance, steps, eta, sampler, seed, out):
     """Generates ``num`` policies per condition and writes them as an npz.
 
@@ -385,16 +406,8 @@ def sample_to_npz(workdir, conditions, num, guidance, steps, eta, sampler, seed,
         raise LpdError(f"{out} already exists; choose another --out or delete it")
     if num <= 0:
         raise LpdError("--num must be > 0")
-    if not (diffusion_dir(workdir) / "meta.json").exists():
-        raise LpdError(
-            f"no complete diffusion stage in {diffusion_dir(workdir)}: run "
-            "`lpd train-diffusion` with this --workdir first"
-        )
+    guidance = picked_guidance(workdir, guidance)
     gen = load_generator(workdir)
-    if guidance is None:
-        guidance = json.loads((diffusion_dir(workdir) / "meta.json").read_text())[
-            "guidance"
-        ]
     if steps is None:
         steps = gen.config.diffusion.sample_steps
     cond = np.repeat(conditions, num, axis=0)

@@ -1,8 +1,9 @@
-"""Pictures of archives: fitness over the descriptor space as a heatmap."""
+"""Pictures of archives and evaluation reports (PNG, written with Agg)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 
@@ -112,3 +113,65 @@ def plot_archive_heatmap(
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
+
+
+def plot_heatmaps(panels: dict, centroids, meta: dict, path: Path) -> None:
+    """Archive heatmaps side by side on one colour scale.
+
+    Args:
+        panels: title -> ``[C]`` cell fitnesses (``-inf`` where empty).
+        centroids: ``[C, D]`` cells shared by every panel.
+    """
+    values = np.concatenate([np.asarray(v, np.float64) for v in panels.values()])
+    finite = values[np.isfinite(values)]
+    vmin, vmax = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+    one_row = np.asarray(centroids).shape[1] == 1
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.5 * len(panels), 2.4 if one_row else 4.6)
+    )
+    for ax, (title, fitnesses) in zip(np.atleast_1d(axes), panels.items(), strict=True):
+        cells = SimpleNamespace(centroids=centroids, fitnesses=fitnesses)
+        plot_archive_heatmap(cells, meta, path, ax=ax, vmin=vmin, vmax=vmax)
+        filled = int(np.isfinite(np.asarray(fitnesses, np.float64)).sum())
+        ax.set_title(f"{title}: {filled} cells")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_descriptor_match(sets: dict, names: list[str], path: Path) -> None:
+    """Achieved against asked descriptor, one panel per descriptor dimension.
+
+    Args:
+        sets: label -> ``(asked [N, D], achieved [N, D])``.
+        names: the D descriptor names.
+    """
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.0))
+    for d, ax in enumerate(np.atleast_1d(axes)):
+        for label, (asked, achieved) in sets.items():
+            ax.scatter(asked[:, d], achieved[:, d], s=4, alpha=0.4, label=label)
+        ax.plot([0, 1], [0, 1], color="black", lw=0.8, ls="--")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(f"asked {names[d]} contact")
+        ax.set_ylabel(f"achieved {names[d]} contact")
+        ax.set_aspect("equal")
+    np.atleast_1d(axes)[0].legend(loc="upper left", markerscale=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_return_cdfs(sets: dict, path: Path) -> None:
+    """Empirical CDFs of episode return, one curve per label -> ``[N]``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, returns in sets.items():
+        x = np.sort(np.asarray(returns))
+        ax.step(x, np.arange(1, len(x) + 1) / len(x), where="post", label=label)
+    ax.set_xlabel("mean episode return")
+    ax.set_ylabel("fraction of policies")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

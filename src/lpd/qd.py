@@ -220,6 +220,24 @@ def make_map_elites(scoring_fn: Callable, emitter, qd_offset: float) -> MAPElite
     return MAPElites(scoring_fn, emitter, metrics_fn)
 
 
+def _episodes_scoring_fn(env, policy, episode_length: int, num_episodes: int):
+    """QDax's stochastic Brax scoring function, each policy on ``num_episodes``.
+
+    The env is wrapped in Brax's ``VmapWrapper``, so each policy drives its
+    episodes as one batch (its weights are read once per step for all of
+    them) instead of being copied per episode. Returns and descriptors come
+    out ``[B, num_episodes]`` and ``[B, num_episodes, D]``.
+    """
+    return create_brax_scoring_fn(
+        brax_training.VmapWrapper(env, batch_size=num_episodes),
+        policy,
+        get_feet_contact_proportion,
+        jax.random.key(0),  # Unused: resets are drawn from the call's key.
+        episode_length=episode_length,
+        deterministic=False,
+    )
+
+
 def make_episodes_eval_fn(
     env: brax_envs.Env,
     policy,
@@ -227,32 +245,63 @@ def make_episodes_eval_fn(
     num_episodes: int,
     batch_size: int,
 ) -> Callable:
-    """Jitted ``(params [B], key) -> (returns [B], descriptors [B, D])``.
+    """``(params [B], key) -> (returns [B], descriptors [B, D])``, traceable.
 
     Each policy runs ``num_episodes`` episodes from random resets with QDax's
     Brax scoring function (the one that built the archive, in its stochastic
-    form); returns and descriptors are averaged over the episodes. The
-    ``B * num_episodes`` rollouts are sharded over the local devices.
+    form); returns and descriptors are averaged over the episodes. The batch
+    is sharded over the local devices. Jit it, or call it inside a jitted
+    program.
     """
-    scoring_fn = create_brax_scoring_fn(
-        env,
-        policy,
-        get_feet_contact_proportion,
-        jax.random.key(0),  # Unused: resets are drawn from the call's key.
-        episode_length=episode_length,
-        deterministic=False,
-    )
-    sharding = batch_sharding(batch_size * num_episodes)
+    scoring_fn = _episodes_scoring_fn(env, policy, episode_length, num_episodes)
+    sharding = batch_sharding(batch_size)
 
     def eval_fn(params, key):
-        repeated = jax.tree.map(lambda x: jnp.repeat(x, num_episodes, axis=0), params)
-        repeated = jax.lax.with_sharding_constraint(repeated, sharding)
-        returns, descriptors, _ = scoring_fn(repeated, key)
-        returns = returns.reshape(batch_size, num_episodes).mean(axis=1)
-        descriptors = descriptors.reshape(batch_size, num_episodes, -1).mean(axis=1)
-        return returns, descriptors
+        params = jax.lax.with_sharding_constraint(params, sharding)
+        returns, descriptors, _ = scoring_fn(params, key)
+        return returns.mean(axis=1), descriptors.mean(axis=1)
 
-    return jax.jit(eval_fn)
+    return eval_fn
+
+
+def rollout_bytes_per_policy(env, policy, params, episode_length, num_episodes):
+    """Bytes of the trajectory QDax keeps for one policy's ``num_episodes``.
+
+    Measured by tracing the scoring function on one policy (``params``: leaves
+    ``[1, ...]``), no compile; this is what bounds the evaluation batch.
+    """
+    scoring_fn = _episodes_scoring_fn(env, policy, episode_length, num_episodes)
+    _, _, extra = jax.eval_shape(scoring_fn, params, jax.random.key(0))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(extra))
+
+
+def fill_archive(fitnesses, descriptors, centroids, fitness_offset: float) -> dict:
+    """Inserts scored policies into a fresh QDax archive with ``centroids``.
+
+    Args:
+        fitnesses: ``[N]`` returns; descriptors: ``[N, D]``; centroids ``[C, D]``.
+
+    Returns:
+        ``cell_fitnesses [C]`` (``-inf`` where empty), ``cell_sources [C]``
+        (index of the policy kept in each cell, -1 where empty) and QDax's
+        ``qd_score`` (with ``fitness_offset``), ``coverage`` (%) and
+        ``max_fitness``.
+    """
+    num = fitnesses.shape[0]
+    repertoire = MapElitesRepertoire.init(
+        genotypes=jnp.arange(num),
+        fitnesses=jnp.asarray(fitnesses, jnp.float32)[:, None],
+        descriptors=jnp.asarray(descriptors, jnp.float32),
+        centroids=jnp.asarray(centroids, jnp.float32),
+    )
+    metrics = default_qd_metrics(repertoire, fitness_offset)
+    cell_fitnesses = repertoire.fitnesses[:, 0]
+    filled = cell_fitnesses > -jnp.inf
+    return {
+        "cell_fitnesses": cell_fitnesses,
+        "cell_sources": jnp.where(filled, repertoire.genotypes, -1),
+        **{k: float(v) for k, v in metrics.items()},
+    }
 
 
 def collect_observations(scoring_fn: Callable, params, num_obs: int, key):

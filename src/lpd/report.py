@@ -1,0 +1,272 @@
+"""The evaluation report: metrics from scored policy sets, JSON, markdown, plots.
+
+Pure functions of the evaluation's results (no rollouts here), so the
+metrics can be checked on hand-made inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from lpd import evaluation, plots
+from lpd.logs import write_json_atomic
+
+STAGES = ("archive", "codec", "diffusion")
+
+
+class Results(NamedTuple):
+    """Scored policy sets of one evaluation (N elites, U uniform conditions).
+
+    Attributes:
+        asked: ``[N, D]`` the elites' stored descriptors (the conditions).
+        original: ``(returns [N], achieved [N, D])`` of the re-evaluated elites.
+        codec_only: the same for each elite decoded from its latent.
+        generated: ``(returns [N], achieved [N, D], weight distance to the
+            nearest elite [N], its index [N])`` for one sample per elite.
+        uniform_asked: ``[U, D]`` descriptors drawn uniformly.
+        uniform: like ``generated``, for ``uniform_asked``.
+        elite_distances: ``[N]`` each elite's distance to its nearest other
+            elite in weight space (the scale novelty is read against).
+    """
+
+    asked: np.ndarray
+    original: tuple
+    codec_only: tuple
+    generated: tuple
+    uniform_asked: np.ndarray
+    uniform: tuple
+    elite_distances: np.ndarray
+
+
+def model_sizes(gen, flat: dict) -> dict:
+    """Parameter counts and bytes (at the stored dtype) of archive and generator.
+
+    The generator is what sampling needs: the codec's decoder, its weight
+    standardiser and the denoiser (whose conditioning is trained with it).
+    """
+    num = next(iter(flat.values())).shape[0]
+    per_policy = int(sum(np.prod(x.shape[1:]) for x in flat.values()))
+    trees = {
+        "decoder": gen.codec_params["params"]["decoder"],
+        "standardiser": gen.stats,
+        "denoiser": gen.denoiser_params,
+    }
+    params = {k: sum(int(x.size) for x in jax.tree.leaves(t)) for k, t in trees.items()}
+    nbytes = {
+        k: sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(t))
+        for k, t in trees.items()
+    }
+    return {
+        "num_elites": int(num),
+        "params_per_policy": per_policy,
+        "archive_params": per_policy * int(num),
+        "archive_bytes": int(sum(np.asarray(x).nbytes for x in flat.values())),
+        "model_params": {**params, "total": sum(params.values())},
+        "model_bytes": {**nbytes, "total": sum(nbytes.values())},
+    }
+
+
+def _novelty(generated, asked, elite_descriptors, elite_distances) -> dict:
+    """Distances from generated policies to their nearest training elites."""
+    _, achieved, weight_distance, weight_index = generated
+    dist, index = evaluation.nearest(
+        np.asarray(achieved, np.float32), np.asarray(elite_descriptors, np.float32)
+    )
+    return {
+        "weight_distance": evaluation.quantiles(weight_distance),
+        "elite_to_elite_weight_distance": evaluation.quantiles(elite_distances),
+        "weight_distance_over_elite_spacing": float(
+            np.median(weight_distance) / np.median(elite_distances)
+        ),
+        "descriptor_distance": evaluation.quantiles(np.asarray(dist)[:, 0]),
+        "nearest_elite_is_asked_fraction": float(
+            np.mean(np.asarray(weight_index) == np.arange(len(weight_index)))
+        )
+        if asked is not None
+        else None,
+    }
+
+
+def summarise(results: Results, centroids, meta: dict, sizes: dict) -> dict:
+    """The report's metrics: top level for the generator on the elites' cells,
+    ``uniform``, ``codec_only`` and ``original`` beside it, and ``novelty``."""
+    offset = meta["fitness_offset"]
+    orig = results.original
+    fid = lambda scored, asked: evaluation.fidelity(
+        orig, scored[:2], asked, centroids, offset
+    )
+    params, nbytes = sizes["model_params"], sizes["model_bytes"]
+    codec_params = params["decoder"] + params["standardiser"]
+    codec_bytes = nbytes["decoder"] + nbytes["standardiser"]
+    # Nearest-elite lookup: each uniform ask answered by the elite whose
+    # stored descriptor is closest, scored by its re-evaluation (1x).
+    _, pick = evaluation.nearest(
+        np.asarray(results.uniform_asked), np.asarray(results.asked, np.float32)
+    )
+    pick = np.asarray(pick)[:, 0]
+    lookup = (np.asarray(orig[0])[pick], np.asarray(orig[1])[pick])
+    summary = {
+        "env": meta["env"],
+        "backend": meta["backend"],
+        "episode_length": meta["episode_length"],
+        "descriptor_names": meta["descriptor_names"],
+        **sizes,
+        **fid(results.generated, results.asked),
+        "compression_ratio": sizes["archive_params"] / params["total"],
+        "compression_ratio_bytes": sizes["archive_bytes"] / nbytes["total"],
+        "original": {
+            "mean_return": float(np.mean(orig[0])),
+            "filled_cells": evaluation.archive_summary(*orig, centroids, offset)[
+                "filled_cells"
+            ],
+            "stored_filled_cells": sizes["num_elites"],
+            "measure_error": float(
+                np.mean(np.linalg.norm(np.asarray(orig[1]) - results.asked, axis=-1))
+            ),
+        },
+        "codec_only": {
+            **fid(results.codec_only, results.asked),
+            "compression_ratio": sizes["archive_params"] / codec_params,
+            "compression_ratio_bytes": sizes["archive_bytes"] / codec_bytes,
+        },
+        "uniform": {
+            **fid(results.uniform, results.uniform_asked),
+            "num_conditions": int(len(results.uniform_asked)),
+            "nearest_elite": fid(lookup, results.uniform_asked),
+            "novelty": _novelty(
+                results.uniform, None, results.asked, results.elite_distances
+            ),
+        },
+        "novelty": _novelty(
+            results.generated, results.asked, results.asked, results.elite_distances
+        ),
+    }
+    return summary
+
+
+def stage_times(workdir, evaluate_s: float) -> dict:
+    """Wall time of each stage, from its ``meta.json`` (None when not recorded)."""
+    times = {}
+    for stage in STAGES:
+        path = Path(workdir) / stage / "meta.json"
+        meta = json.loads(path.read_text()) if path.exists() else {}
+        times[stage] = meta.get("wall_time_s")
+    times["evaluate"] = round(evaluate_s, 1)
+    return times
+
+
+ROWS = (
+    ("generated (diffusion)", None),
+    ("codec only", "codec_only"),
+    ("uniform sweep: generated", "uniform"),
+    ("uniform sweep: nearest elite", ("uniform", "nearest_elite")),
+)
+
+
+def _row(label: str, m: dict, compression) -> str:
+    comp = f"{compression:.1f}x" if compression else "1x"
+    return (
+        f"| {label} | {m['reward_ratio']:.3f} | {m['coverage_ratio']:.3f} | "
+        f"{m['qd_score_ratio']:.3f} | {m['js_divergence']:.4f} | "
+        f"{m['measure_error']:.3f} | {comp} |"
+    )
+
+
+def to_markdown(s: dict) -> str:
+    """``report.md``: the table of the report and what it was measured on."""
+    lines = [
+        f"# Evaluation: {s['env']} ({s['backend']}), {s['num_elites']} elites",
+        "",
+        f"Each policy: {s['episodes']} random-reset episodes of "
+        f"{s['episode_length']} steps, the same episodes for every set; "
+        f"ratios against the re-evaluated original archive (mean return "
+        f"{s['original']['mean_return']:.1f}, {s['original']['filled_cells']} "
+        f"cells). Guidance {s['guidance']:g}, {s['sample_steps']} DDIM steps.",
+        "",
+        "| policies | reward ratio | coverage ratio | QD-score ratio | JS "
+        "divergence | measure error | compression |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, key in ROWS:
+        if key is None:
+            m, comp = s, s["compression_ratio"]
+        elif isinstance(key, tuple):
+            m, comp = s[key[0]][key[1]], None
+        else:
+            m = s[key]
+            comp = m.get("compression_ratio", s["compression_ratio"])
+        lines.append(_row(label, m, comp))
+    n, p = s["novelty"], s["model_params"]
+    lines += [
+        "",
+        f"Measure error of the re-evaluated originals against their stored "
+        f"descriptors (the noise floor): {s['original']['measure_error']:.3f}.",
+        "",
+        f"Compression: {s['archive_params']:,} archive parameters "
+        f"({s['num_elites']} x {s['params_per_policy']:,}) / {p['total']:,} "
+        f"generator parameters (decoder {p['decoder']:,}, standardiser "
+        f"{p['standardiser']:,}, denoiser {p['denoiser']:,}).",
+        "",
+        f"Novelty: generated policies lie a median "
+        f"{n['weight_distance']['q50']:.2f} from their nearest elite in weight "
+        f"space, where elites lie {n['elite_to_elite_weight_distance']['q50']:.2f}"
+        f" from each other (ratio {n['weight_distance_over_elite_spacing']:.2f}); "
+        f"{100 * n['nearest_elite_is_asked_fraction']:.1f}% have the asked elite "
+        f"as nearest. Median descriptor distance to the nearest elite: "
+        f"{n['descriptor_distance']['q50']:.3f}.",
+        "",
+        "![heatmaps](heatmaps.png)",
+        "",
+        "![descriptors](descriptors.png)",
+        "",
+        "![returns](returns.png)",
+        "",
+        "Wall time (s): "
+        + ", ".join(f"{k} {v}" for k, v in s["wall_time_s"].items())
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(directory, summary: dict, results: Results, centroids, meta: dict) -> None:
+    """Writes ``report.json``, ``report.md`` and the PNGs into ``directory``."""
+    directory = Path(directory)
+    offset = meta["fitness_offset"]
+    cells = lambda scored: evaluation.archive_summary(*scored[:2], centroids, offset)[
+        "cell_fitnesses"
+    ]
+    plots.plot_heatmaps(
+        {
+            "original (re-evaluated)": cells(results.original),
+            "codec only": cells(results.codec_only),
+            "generated": cells(results.generated),
+        },
+        centroids,
+        meta,
+        directory / "heatmaps.png",
+    )
+    plots.plot_descriptor_match(
+        {
+            "generated, archive asks": (results.asked, results.generated[1]),
+            "generated, uniform asks": (results.uniform_asked, results.uniform[1]),
+        },
+        meta["descriptor_names"],
+        directory / "descriptors.png",
+    )
+    plots.plot_return_cdfs(
+        {
+            "original": results.original[0],
+            "codec only": results.codec_only[0],
+            "generated": results.generated[0],
+            "generated, uniform asks": results.uniform[0],
+        },
+        directory / "returns.png",
+    )
+    (directory / "report.md").write_text(to_markdown(summary))
+    write_json_atomic(directory / "report.json", summary)

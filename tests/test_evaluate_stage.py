@@ -1,0 +1,120 @@
+"""The evaluation stage on the tiny pipeline: report, resume, render, errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from lpd.cli import main
+from lpd.config import load_config
+from lpd.evaluate_stage import run_evaluate_stage
+
+
+def _report(workdir):
+    report = json.loads((workdir / "report" / "report.json").read_text())
+    report.pop("wall_time_s")
+    return report
+
+
+def test_run_skips_trained_stages_and_writes_the_report(tiny_run, tiny_diffusion):
+    for stage in ("archive", "codec", "diffusion"):  # Skipped: left as they were.
+        assert (tiny_run / stage / "meta.json").read_text() == (
+            tiny_diffusion / stage / "meta.json"
+        ).read_text()
+    report = _report(tiny_run)
+    archive_meta = json.loads((tiny_run / "archive" / "meta.json").read_text())
+    assert report["num_elites"] == archive_meta["num_elites"]
+    assert report["episodes"] == 2
+    assert report["compression_ratio"] == pytest.approx(
+        report["archive_params"] / report["model_params"]["total"]
+    )
+    for section in (report, report["codec_only"], report["uniform"]):
+        assert 0.0 <= section["coverage_ratio"] and section["reward_ratio"] > 0
+        assert np.isfinite(section["js_divergence"])
+    assert report["uniform"]["num_conditions"] == 8
+    assert 0 < report["novelty"]["weight_distance"]["q50"]
+    for name in ("report.md", "heatmaps.png", "descriptors.png", "returns.png"):
+        assert (tiny_run / "report" / name).stat().st_size > 0, name
+    assert (tiny_run / "report" / "meta.json").exists()
+
+
+def test_interrupted_evaluation_resumes_to_the_same_report(
+    tiny_run, tiny_config_path, tmp_path
+):
+    workdir = tmp_path / "w"
+    shutil.copytree(tiny_run, workdir)
+    parts = workdir / "report" / "parts"
+    # As if killed while scoring the uniform sweep.
+    (workdir / "report" / "meta.json").unlink()
+    (workdir / "report" / "report.json").unlink()
+    shutil.rmtree(parts / "uniform")
+    kept = (parts / "original" / "00000.npz").stat().st_mtime_ns
+    run_evaluate_stage(load_config(tiny_config_path), workdir)
+    assert (parts / "original" / "00000.npz").stat().st_mtime_ns == kept
+    assert _report(workdir) == _report(tiny_run)
+
+
+def test_evaluate_refuses_a_changed_config(tiny_run, tiny_config_path, capsys):
+    code = main(
+        [
+            "evaluate",
+            "--config",
+            tiny_config_path,
+            "--workdir",
+            str(tiny_run),
+            "--config.evaluate.episodes=3",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "evaluate.episodes: 2 -> 3" in err
+
+
+def test_evaluate_needs_a_trained_generator(tiny_codec, tiny_config_path, capsys):
+    code = main(
+        ["evaluate", "--config", tiny_config_path, "--workdir", str(tiny_codec)]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "run `lpd train-diffusion`" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--elite", "0"], ["--descriptor", "0.5,0.5", "--seed", "1"]],
+)
+def test_render_writes_a_brax_viewer(tiny_run, tmp_path, capsys, args):
+    out = tmp_path / "episode.html"
+    code = main(["render", "--workdir", str(tiny_run), *args, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    html = out.read_text()
+    assert "<html" in html.lower() and "viewer" in html
+    assert "steps, return" in printed
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ([], "exactly one of --descriptor and --elite"),
+        (["--elite", "0", "--descriptor", "0.5,0.5"], "exactly one of"),
+        (["--elite", "100000"], "--elite must lie in"),
+        (["--descriptor", "0.5"], "descriptors have 1 values"),
+        (["--elite", "0", "--out-name"], "unrecognised arguments"),
+    ],
+)
+def test_render_errors(tiny_run, tmp_path, capsys, args, fragment):
+    out = tmp_path / "x.html"
+    code = main(["render", "--workdir", str(tiny_run), *args, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_render_keeps_an_existing_file(tiny_run, tmp_path, capsys):
+    out = tmp_path / "x.html"
+    out.write_text("mine")
+    code = main(
+        ["render", "--workdir", str(tiny_run), "--elite", "0", "--out", str(out)]
+    )
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert out.read_text() == "mine"
