@@ -282,10 +282,9 @@ def fill_archive(fitnesses, descriptors, centroids, fitness_offset: float) -> di
         fitnesses: ``[N]`` returns; descriptors: ``[N, D]``; centroids ``[C, D]``.
 
     Returns:
-        ``cell_fitnesses [C]`` (``-inf`` where empty), ``cell_sources [C]``
-        (index of the policy kept in each cell, -1 where empty) and QDax's
-        ``qd_score`` (with ``fitness_offset``), ``coverage`` (%) and
-        ``max_fitness``.
+        ``cell_fitnesses [C]`` (the best return per cell, ``-inf`` where
+        empty) and QDax's ``qd_score`` (with ``fitness_offset``),
+        ``coverage`` (%) and ``max_fitness``.
     """
     num = fitnesses.shape[0]
     repertoire = MapElitesRepertoire.init(
@@ -295,11 +294,8 @@ def fill_archive(fitnesses, descriptors, centroids, fitness_offset: float) -> di
         centroids=jnp.asarray(centroids, jnp.float32),
     )
     metrics = default_qd_metrics(repertoire, fitness_offset)
-    cell_fitnesses = repertoire.fitnesses[:, 0]
-    filled = cell_fitnesses > -jnp.inf
     return {
-        "cell_fitnesses": cell_fitnesses,
-        "cell_sources": jnp.where(filled, repertoire.genotypes, -1),
+        "cell_fitnesses": repertoire.fitnesses[:, 0],
         **{k: float(v) for k, v in metrics.items()},
     }
 
