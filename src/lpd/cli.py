@@ -90,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--guidance", type=float, help="default: the sweep's pick")
     render.add_argument("--seed", type=int, default=0, help="sampling and reset seed")
     render.add_argument("--out", required=True, help="path of the .html to write")
+    seq = commands.add_parser(
+        "sequence",
+        help="chain generated policies in one episode, one per asked descriptor",
+    )
+    seq.add_argument("--workdir", required=True)
+    seq.add_argument(
+        "--descriptors", required=True, help="asks in order, e.g. 0.1,0.9;0.9,0.1"
+    )
+    seq.add_argument("--seeds", type=int, default=32, help="episodes (vmapped)")
+    seq.add_argument("--guidance", type=float, help="default: the sweep's pick")
+    seq.add_argument("--seed", type=int, default=0)
+    seq.add_argument("--out", required=True, help="directory to write (must not exist)")
     imp = commands.add_parser(
         "import-archive", help="make <workdir>/archive from an archive .npz"
     )
@@ -151,6 +163,17 @@ def run(argv: list[str]) -> int:
             f"render: {what}: {result['steps']} steps, return {result['return']:.1f}, "
             f"foot contact {result['descriptor']} -> {args.out}"
         )
+    elif args.command == "sequence":
+        from lpd import archive_io, sequence
+
+        asked = sequence.parse_sequence(
+            args.descriptors, archive_io.load_meta(args.workdir)
+        )
+        summary = sequence.run_sequence(
+            args.workdir, asked, args.seeds, args.guidance, args.seed, args.out
+        )
+        print(sequence.format_summary(summary))
+        print(f"sequence: written to {args.out}")
     elif args.command == "export-archive":
         from lpd import archive_io
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -172,6 +173,41 @@ def plot_return_cdfs(sets: dict, path: Path) -> None:
     ax.set_ylabel("fraction of policies")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sequence_contacts(
+    sets: dict, asked: np.ndarray, chunks: np.ndarray, names: list[str], path: Path
+) -> None:
+    """Foot contact over a sequenced episode against the asked pattern.
+
+    Args:
+        sets: label -> ``[S, T, D]`` per-step foot contact of S seeds.
+        asked: ``[K, D]`` the asks; chunks: ``[T]`` chunk of each step.
+        names: the D foot names.
+    """
+    window = max(1, len(chunks) // (4 * len(asked)))
+    kernel = np.ones(window) / window
+    fig, axes = plt.subplots(
+        len(names), 1, figsize=(8, 2.2 * len(names)), sharex=True, squeeze=False
+    )
+    steps = np.arange(len(chunks))
+    for d, ax in enumerate(axes[:, 0]):
+        ax.step(
+            steps, asked[chunks, d], where="post", color="black", lw=1.5, label="asked"
+        )
+        for label, contacts in sets.items():
+            with warnings.catch_warnings():  # Steps where every seed fell.
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(np.asarray(contacts)[..., d], axis=0)
+            smooth = np.convolve(mean, kernel, mode="same")
+            ax.plot(steps, smooth, label=f"{label} (moving average, {window} steps)")
+        ax.set_ylabel(f"{names[d]} contact")
+        ax.set_ylim(-0.05, 1.05)
+    axes[0, 0].legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""``lpd render``: one episode of a policy as a Brax HTML viewer."""
+"""Episodes of policies, policies swapped in chunks, and Brax HTML viewers."""
 
 from __future__ import annotations
 
@@ -15,39 +15,70 @@ from lpd import policy as policy_lib
 from lpd.errors import LpdError
 
 
-def rollout(env, policy, params, key):
-    """One episode of ``env.episode_length`` steps from a random reset.
+def rollout(env, policy, params, chunks, key, keep_states: bool = False):
+    """One episode from a random reset in which step t is acted by policy
+    ``chunks[t]``, swapped without a reset.
 
-    Returns the stacked pipeline states ``[T + 1, ...]``, rewards ``[T]``,
-    foot contacts ``[T, D]`` and done flags ``[T]``.
+    Args:
+        params: policy variables with leaves ``[K, ...]``.
+        chunks: ``[T]`` int policy index per step (T = the episode length).
+        key: reset key.
+        keep_states: also return the pipeline states ``[T + 1, ...]``.
+
+    Returns:
+        ``{"rewards" [T], "contacts" [T, D], "dones" [T], "actions" [T, A]}``
+        and, with ``keep_states``, ``"states"``.
     """
 
-    def step(state, _):
-        action = policy.apply(params, state.obs)
+    def step(state, k):
+        acting = jax.tree.map(lambda x: x[k], params)
+        action = policy.apply(acting, state.obs)
         next_state = env.step(state, action)
-        out = (
-            next_state.pipeline_state,
-            next_state.reward,
-            next_state.info["state_descriptor"],
-            next_state.done,
-        )
+        out = {
+            "rewards": next_state.reward,
+            "contacts": next_state.info["state_descriptor"],
+            "dones": next_state.done,
+            "actions": action,
+        }
+        if keep_states:
+            out["states"] = next_state.pipeline_state
         return next_state, out
 
     state = env.reset(key)
-    _, (pipeline, rewards, contacts, dones) = jax.lax.scan(
-        step, state, None, length=env.episode_length
-    )
-    first = jax.tree.map(lambda x: x[None], state.pipeline_state)
-    pipeline = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, pipeline)
-    return pipeline, rewards, contacts, dones
+    _, out = jax.lax.scan(step, state, jnp.asarray(chunks))
+    if keep_states:
+        first = jax.tree.map(lambda x: x[None], state.pipeline_state)
+        out["states"] = jax.tree.map(
+            lambda a, b: jnp.concatenate([a, b]), first, out["states"]
+        )
+    return out
+
+
+def write_html(env, policy, params, chunks, key, out: Path) -> dict:
+    """Writes one episode (see :func:`rollout`) as a Brax HTML viewer.
+
+    The episode is cut where it ends (the body fell); returns its length,
+    return and mean foot contact.
+    """
+    traj = jax.jit(lambda p, k: rollout(env, policy, p, chunks, k, True))(params, key)
+    dones = np.asarray(traj["dones"])
+    length = int(np.argmax(dones) + 1) if dones.any() else len(dones)
+    states = traj["states"]
+    frames = [jax.tree.map(lambda x, i=i: x[i], states) for i in range(length + 1)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(html.render(env.sys, frames))
+    tmp.replace(out)
+    contacts = np.asarray(traj["contacts"])[:length]
+    return {
+        "steps": length,
+        "return": float(np.sum(np.asarray(traj["rewards"])[:length])),
+        "descriptor": [round(float(v), 3) for v in contacts.mean(axis=0)],
+    }
 
 
 def render_to_html(workdir, flat: dict, seed: int, out) -> dict:
-    """Renders one random-reset episode of policy ``flat`` (``{path: [...]}``).
-
-    The episode is cut where it ends (the body fell); returns its length,
-    return and mean foot contact (QDax's descriptor for that episode).
-    """
+    """Renders one random-reset episode of policy ``flat`` (``{path: [...]}``)."""
     out = Path(out)
     if out.suffix != ".html":
         raise LpdError(f"--out must end in .html, got {out}")
@@ -55,19 +86,8 @@ def render_to_html(workdir, flat: dict, seed: int, out) -> dict:
         raise LpdError(f"{out} already exists; choose another --out or delete it")
     meta = archive_io.load_meta(workdir)
     env, policy = archive_lib.make_task(meta)
-    params = policy_lib.unflatten_params(flat)
-    pipeline, rewards, contacts, dones = jax.jit(
-        lambda p, k: rollout(env, policy, p, k)
-    )(params, jax.random.key(seed))
-    dones = np.asarray(dones)
-    length = int(np.argmax(dones) + 1) if dones.any() else len(dones)
-    states = [jax.tree.map(lambda x, i=i: x[i], pipeline) for i in range(length + 1)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(html.render(env.sys, states))
-    tmp.replace(out)
-    return {
-        "steps": length,
-        "return": float(np.sum(np.asarray(rewards)[:length])),
-        "descriptor": [round(float(v), 3) for v in np.mean(contacts[:length], axis=0)],
-    }
+    params = policy_lib.unflatten_params(
+        {p: jnp.asarray(x)[None] for p, x in flat.items()}
+    )
+    chunks = np.zeros(env.episode_length, np.int32)
+    return write_html(env, policy, params, chunks, jax.random.key(seed), out)

@@ -1,0 +1,208 @@
+"""Behaviour sequencing (``lpd sequence``): one episode, K policies in turn.
+
+The episode is cut into K chunks; chunk k is driven by a policy generated
+for the k-th asked descriptor, swapped in at the chunk boundary without a
+reset. The whole episode is one jitted program, vmapped over seeds; the
+baseline runs the archive elites nearest to each ask through the same
+program with the same keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lpd import archive as archive_lib
+from lpd import archive_io, diffusion_stage, evaluation, plots, render
+from lpd import policy as policy_lib
+from lpd.errors import LpdError
+from lpd.logs import write_json_atomic
+
+SUCCESS_FRACTION = 0.8  # "Still up": the episode lasted > 80% of its steps.
+
+
+def chunk_index(num_steps: int, num_chunks: int) -> np.ndarray:
+    """``[T]`` the chunk each step belongs to: K near-equal consecutive runs."""
+    return np.minimum(
+        np.arange(num_steps) * num_chunks // num_steps, num_chunks - 1
+    ).astype(np.int32)
+
+
+def chunk_metrics(rewards, contacts, dones, chunks, num_chunks: int) -> dict:
+    """Per-seed, per-chunk return and mean foot contact over the steps alive.
+
+    Args:
+        rewards ``[S, T]``, contacts ``[S, T, D]``, dones ``[S, T]``,
+        chunks ``[T]``.
+
+    Returns:
+        ``returns [S, K]``, ``descriptors [S, K, D]`` (NaN for a chunk the
+        body never reached alive), ``alive_steps [S]``.
+    """
+    dones = np.asarray(dones, bool)
+    # Alive at step t: no done strictly before t (the step that ends counts).
+    before = np.cumsum(dones, axis=1) - dones
+    alive = (before == 0).astype(np.float64)
+    onehot = np.eye(num_chunks)[chunks]  # [T, K]
+    returns = np.einsum("st,tk->sk", np.asarray(rewards) * alive, onehot)
+    steps = np.einsum("st,tk->sk", alive, onehot)
+    sums = np.einsum("st,std,tk->skd", alive, np.asarray(contacts), onehot)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        descriptors = sums / steps[..., None]
+    return {
+        "returns": returns,
+        "descriptors": np.where(steps[..., None] > 0, descriptors, np.nan),
+        "alive_steps": alive.sum(axis=1),
+    }
+
+
+def _alive_contacts(traj) -> np.ndarray:
+    """``[S, T, D]`` foot contacts, NaN once the episode has ended."""
+    dones = np.asarray(traj["dones"], bool)
+    alive = (np.cumsum(dones, axis=1) - dones) == 0
+    return np.where(alive[..., None], np.asarray(traj["contacts"]), np.nan)
+
+
+def parse_sequence(text: str, meta: dict) -> np.ndarray:
+    """``[K, D]`` asks from ``"a,b;c,d;..."``, checked against the env."""
+    rows = [r for r in text.split(";")]
+    if len(rows) < 1 or any(not r.strip() for r in rows):
+        raise LpdError(f"--descriptors {text!r}: give descriptors as 'a,b;c,d;...'")
+    return np.concatenate(
+        [diffusion_stage.parse_descriptors(r.strip(), None, meta) for r in rows]
+    )
+
+
+def _summarise(metrics: dict, asked: np.ndarray, episode_length: int) -> dict:
+    achieved = metrics["descriptors"]  # [S, K, D]
+    error = np.linalg.norm(achieved - asked[None], axis=-1)  # [S, K]
+    chunks = []
+    for k in range(len(asked)):
+        reached = np.isfinite(error[:, k])
+        chunks.append(
+            {
+                "asked": np.float64(asked[k]).round(4).tolist(),
+                "achieved_mean": np.nanmean(achieved[:, k], axis=0).round(4).tolist()
+                if reached.any()
+                else None,
+                "measure_error": float(np.nanmean(error[:, k]))
+                if reached.any()
+                else None,
+                "reached_fraction": float(reached.mean()),
+                "mean_return": float(metrics["returns"][:, k].mean()),
+            }
+        )
+    success = metrics["alive_steps"] > SUCCESS_FRACTION * episode_length
+    return {
+        "chunks": chunks,
+        "success_rate": float(success.mean()),
+        "mean_return": float(metrics["returns"].sum(axis=1).mean()),
+        "mean_episode_steps": float(metrics["alive_steps"].mean()),
+    }
+
+
+def run_sequence(workdir, asked, num_seeds: int, guidance, seed: int, out) -> dict:
+    """Sequences generated policies and the nearest elites; writes ``out/``.
+
+    ``out/sequence.json`` (per-chunk asked vs achieved, return, success for
+    both), ``out/contacts.png`` (foot contact over time against the asks) and
+    ``out/episode.html`` (seed 0 of the generated sequence).
+    """
+    out = Path(out)
+    if out.exists():
+        raise LpdError(f"{out} already exists; choose another --out or delete it")
+    if num_seeds <= 0:
+        raise LpdError("--seeds must be > 0")
+    guidance = diffusion_stage.picked_guidance(workdir, guidance)
+    gen = diffusion_stage.load_generator(workdir)
+    archive, meta = archive_io.load_archive(workdir)
+    env, policy = archive_lib.make_task(meta)
+    num_chunks, length = len(asked), int(meta["episode_length"])
+    if num_chunks > length:
+        raise LpdError(f"at most {length} chunks: one step each")
+    chunks = chunk_index(length, num_chunks)
+    key_sample, key_reset = jax.random.split(jax.random.key(seed))
+
+    sample_fn = diffusion_stage.make_sample_fn(
+        gen, gen.config.diffusion.sample_steps, 0.0, "ddim"
+    )
+    cond = jnp.asarray(np.tile(asked, (num_seeds, 1)))  # [S * K, D]
+    flat = sample_fn(cond, key_sample, jnp.float32(guidance))
+    generated = jax.tree.map(
+        lambda x: x.reshape(num_seeds, num_chunks, *x.shape[1:]),
+        policy_lib.unflatten_params(flat),
+    )
+    idx, elite_flat = archive_io.elites(archive)
+    _, near = evaluation.nearest(
+        jnp.asarray(asked), jnp.asarray(np.asarray(archive.descriptors)[idx])
+    )
+    near = np.asarray(near)[:, 0]
+    baseline = policy_lib.unflatten_params(
+        {
+            p: jnp.asarray(np.broadcast_to(x[near], (num_seeds, *x[near].shape)))
+            for p, x in elite_flat.items()
+        }
+    )
+    keys = jax.random.split(key_reset, num_seeds)
+    many = jax.jit(jax.vmap(lambda p, k: render.rollout(env, policy, p, chunks, k)))
+    results = {}
+    for name, params in (("generated", generated), ("nearest_elites", baseline)):
+        traj = jax.device_get(many(params, keys))
+        metrics = chunk_metrics(
+            traj["rewards"], traj["contacts"], traj["dones"], chunks, num_chunks
+        )
+        results[name] = (traj, _summarise(metrics, asked, length))
+
+    out.mkdir(parents=True)
+    summary = {
+        "asked": np.float64(asked).round(4).tolist(),
+        "chunk_steps": np.bincount(chunks).tolist(),
+        "seeds": num_seeds,
+        "guidance": guidance,
+        "success_threshold_steps": SUCCESS_FRACTION * length,
+        "descriptor_names": meta["descriptor_names"],
+        "nearest_elite_descriptors": np.asarray(archive.descriptors)[idx][near]
+        .round(4)
+        .tolist(),
+        **{name: s for name, (_, s) in results.items()},
+    }
+    write_json_atomic(out / "sequence.json", summary)
+    plots.plot_sequence_contacts(
+        {name: _alive_contacts(traj) for name, (traj, _) in results.items()},
+        asked,
+        chunks,
+        meta["descriptor_names"],
+        out / "contacts.png",
+    )
+    first = jax.tree.map(lambda x: x[0], generated)
+    render.write_html(env, policy, first, chunks, keys[0], out / "episode.html")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A table of the asks, what each method achieved, and success rates."""
+    lines = [
+        "chunk  asked         generated: achieved (error, return)   nearest elites"
+    ]
+    for k, asked in enumerate(summary["asked"]):
+        cells = []
+        for name in ("generated", "nearest_elites"):
+            c = summary[name]["chunks"][k]
+            if c["achieved_mean"] is None:
+                cells.append("fallen before")
+            else:
+                achieved = ",".join(f"{v:.2f}" for v in c["achieved_mean"])
+                cells.append(
+                    f"{achieved} ({c['measure_error']:.2f}, {c['mean_return']:.0f})"
+                )
+        ask = ",".join(f"{v:.2f}" for v in asked)
+        lines.append(f"{k:5d}  {ask:12s}  {cells[0]:36s}  {cells[1]}")
+    lines.append(
+        f"success (up after {summary['success_threshold_steps']:.0f} steps): "
+        f"generated {summary['generated']['success_rate']:.2f}, nearest elites "
+        f"{summary['nearest_elites']['success_rate']:.2f} over {summary['seeds']} seeds"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Behaviour sequencing: chunking, per-chunk metrics, policy swaps, the CLI."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lpd import archive, archive_io, render, sequence
+from lpd import policy as policy_lib
+from lpd.cli import main
+
+
+def test_chunks_are_consecutive_and_near_equal():
+    chunks = sequence.chunk_index(10, 3)
+    np.testing.assert_array_equal(chunks, [0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    sizes = np.bincount(sequence.chunk_index(250, 4))
+    assert sizes.sum() == 250 and sizes.max() - sizes.min() <= 1
+
+
+def test_chunk_metrics_by_hand():
+    chunks = np.array([0, 0, 1, 1])
+    rewards = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]])
+    contacts = np.array([[[1.0], [0.0], [1.0], [1.0]], [[1.0], [1.0], [0.0], [5.0]]])
+    # Seed 1 ends at step 2: step 2 counts, step 3 does not.
+    dones = np.array([[0, 0, 0, 0], [0, 0, 1, 1]])
+    m = sequence.chunk_metrics(rewards, contacts, dones, chunks, 2)
+    np.testing.assert_array_equal(m["returns"], [[3.0, 7.0], [2.0, 1.0]])
+    np.testing.assert_array_equal(m["descriptors"][..., 0], [[0.5, 1.0], [1.0, 0.0]])
+    np.testing.assert_array_equal(m["alive_steps"], [4, 3])
+
+
+def test_rollout_swaps_policies_at_chunk_boundaries(tiny_archive):
+    # Recorded parameters: policy k has zero weights and output bias b_k, so
+    # it always acts tanh(b_k); the actions show which policy acted when.
+    meta = archive_io.load_meta(tiny_archive)
+    env, policy = archive.make_task(meta)
+    layout = meta["layout"]
+    biases = jnp.asarray([-0.5, 0.1, 0.7])
+    last = max(p for p in layout if p.endswith("/bias"))
+    flat = {
+        p: jnp.zeros((3, *shape)) if p != last else biases[:, None] * jnp.ones(shape)
+        for p, shape in layout.items()
+    }
+    chunks = sequence.chunk_index(env.episode_length, 3)
+    out = render.rollout(
+        env, policy, policy_lib.unflatten_params(flat), chunks, jax.random.key(0)
+    )
+    expected = np.tanh(np.asarray(biases))[chunks]
+    np.testing.assert_allclose(
+        np.asarray(out["actions"]),
+        expected[:, None] * np.ones((1, env.action_size)),
+        rtol=1e-6,
+    )
+
+
+def test_sequence_cli_writes_report_plot_and_viewer(tiny_run, tmp_path, capsys):
+    out = tmp_path / "seq"
+    argv = ["sequence", "--workdir", str(tiny_run), "--descriptors", "0.1,0.9;0.9,0.1"]
+    code = main([*argv, "--seeds", "4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    summary = json.loads((out / "sequence.json").read_text())
+    assert summary["asked"] == [[0.1, 0.9], [0.9, 0.1]]
+    assert (
+        sum(summary["chunk_steps"])
+        == json.loads((tiny_run / "archive" / "meta.json").read_text())[
+            "episode_length"
+        ]
+    )
+    for name in ("generated", "nearest_elites"):
+        assert len(summary[name]["chunks"]) == 2
+        assert 0.0 <= summary[name]["success_rate"] <= 1.0
+    assert (out / "contacts.png").stat().st_size > 0
+    assert "viewer" in (out / "episode.html").read_text()
+    assert "success" in printed
+    again = tmp_path / "again"
+    assert main([*argv, "--seeds", "4", "--out", str(again)]) == 0
+    assert json.loads((again / "sequence.json").read_text()) == summary  # Same seed.
+
+
+@pytest.mark.parametrize(
+    "descriptors, fragment",
+    [
+        ("", "give descriptors as"),
+        ("0.1,0.9;;0.5,0.5", "give descriptors as"),
+        ("0.1,0.9;0.5", "descriptors have 1 values"),
+        ("0.1,1.5", "must lie in"),
+        ("a,b", "not comma-separated numbers"),
+    ],
+)
+def test_sequence_errors(tiny_run, tmp_path, capsys, descriptors, fragment):
+    out = tmp_path / "seq"
+    argv = ["sequence", "--workdir", str(tiny_run), "--descriptors", descriptors]
+    code = main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and "\n" not in err, err
+    assert not out.exists()
