@@ -18,6 +18,7 @@ import numpy as np
 from lpd import archive as archive_lib
 from lpd import archive_io, diffusion_stage, evaluation, plots, render
 from lpd import policy as policy_lib
+from lpd.devices import batch_sharding
 from lpd.errors import LpdError
 from lpd.logs import write_json_atomic
 
@@ -147,7 +148,15 @@ def run_sequence(workdir, asked, num_seeds: int, guidance, seed: int, out) -> di
         }
     )
     keys = jax.random.split(key_reset, num_seeds)
-    many = jax.jit(jax.vmap(lambda p, k: render.rollout(env, policy, p, chunks, k)))
+    sharding = batch_sharding(num_seeds)  # Seeds spread over the local devices.
+
+    @jax.jit
+    def many(params, keys):
+        params, keys = jax.lax.with_sharding_constraint((params, keys), sharding)
+        return jax.vmap(lambda p, k: render.rollout(env, policy, p, chunks, k))(
+            params, keys
+        )
+
     results = {}
     for name, params in (("generated", generated), ("nearest_elites", baseline)):
         traj = jax.device_get(many(params, keys))
@@ -164,7 +173,7 @@ def run_sequence(workdir, asked, num_seeds: int, guidance, seed: int, out) -> di
         "guidance": guidance,
         "success_threshold_steps": SUCCESS_FRACTION * length,
         "descriptor_names": meta["descriptor_names"],
-        "nearest_elite_descriptors": np.asarray(archive.descriptors)[idx][near]
+        "nearest_elite_descriptors": np.float64(archive.descriptors[idx][near])
         .round(4)
         .tolist(),
         **{name: s for name, (_, s) in results.items()},
