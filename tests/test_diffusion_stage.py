@@ -124,3 +124,26 @@ def test_diffusion_needs_a_codec(tiny_config_path, tmp_path, capsys):
     )
     assert code == 2 and "no complete codec" in capsys.readouterr().err
     assert not (tmp_path / "diffusion").exists()
+
+
+def test_artifacts_load_with_another_device_count(tiny_diffusion):
+    # Written with two host devices; read where there is one (a GPU host, a
+    # plain Python session). Orbax alone refuses the other topology.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, sys; from lpd import archive_io, diffusion_stage; "
+        "assert len(jax.devices()) == 1; "
+        "archive_io.load_archive(sys.argv[1]); "
+        "diffusion_stage.load_generator(sys.argv[1])"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_diffusion)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 
 from lpd.errors import LpdError
@@ -20,6 +21,20 @@ def checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
     )
 
 
+def _on_this_host(template):
+    """``template`` with every leaf placed on this host's first device.
+
+    Orbax otherwise restores onto the devices the checkpoint was saved from,
+    and fails when the device count differs (a run made with one XLA host
+    device per core, read on a GPU host or in a plain Python session). The
+    jitted steps reshard what they read, so one device is enough here.
+    """
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
+    )
+
+
 def save(manager: ocp.CheckpointManager, step: int, state) -> None:
     manager.save(step, args=ocp.args.StandardSave(state))
 
@@ -27,7 +42,9 @@ def save(manager: ocp.CheckpointManager, step: int, state) -> None:
 def restore(manager: ocp.CheckpointManager, step: int, template, directory: Path):
     """Restores ``step`` against ``template`` (an ``eval_shape`` of the state)."""
     try:
-        return manager.restore(step, args=ocp.args.StandardRestore(template))
+        return manager.restore(
+            step, args=ocp.args.StandardRestore(_on_this_host(template))
+        )
     except Exception as e:  # orbax raises many types for damaged files.
         raise LpdError(
             f"checkpoint {step} in {directory / 'checkpoints'} is corrupt or "
@@ -52,7 +69,7 @@ def load_tree(path: Path, template, what: str):
     """Reads a pytree written by :func:`save_tree` against ``template``."""
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(path.absolute(), template)
+            return checkpointer.restore(path.absolute(), _on_this_host(template))
     except Exception as e:  # orbax raises many types for damaged files.
         raise LpdError(
             f"{what} at {path} is missing or corrupt ({type(e).__name__}); "
