@@ -8,8 +8,6 @@ archive stage (QD iterations: emit, roll out, insert) and of a jitted
 the same batch size and sharding, and their ratio.
 """
 
-import argparse
-
 # isort: off
 import common  # First: gives XLA one host device per core before jax starts.
 
@@ -20,7 +18,6 @@ import jax.numpy as jnp
 
 from lpd import archive, qd
 from lpd import policy as policy_lib
-from lpd.config import load_config
 from lpd.devices import batch_sharding
 
 
@@ -81,13 +78,5 @@ def bench_archive(config, repeats=3):
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=common.DEFAULT_CONFIG)
-    args, overrides = parser.parse_known_args()
-    result = bench_archive(load_config(args.config, overrides))
-    common.write_result(result, "archive", args.config, overrides)
-
-
 if __name__ == "__main__":
-    main()
+    common.main("archive", bench_archive, __doc__)

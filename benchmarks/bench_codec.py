@@ -7,8 +7,6 @@ Uses the policy layout of the config's archive settings and random weights
 benchmarks/results/codec.json.
 """
 
-import argparse
-
 # isort: off
 import common  # First: gives XLA one host device per core before jax starts.
 
@@ -19,22 +17,11 @@ import jax.numpy as jnp
 
 from lpd import archive, codec_stage, codec_train
 from lpd import codec as codec_lib
-from lpd.config import load_config
 
 
 def bench_codec(config, num_policies=1024):
     c, a = config.codec, config.archive
-    meta = archive.describe_env(
-        {
-            "env": a.env,
-            "backend": a.backend,
-            "episode_length": a.episode_length,
-            "policy": {
-                "hidden_sizes": list(a.policy_hidden_sizes),
-                "normalise_obs": a.normalise_obs,
-            },
-        }
-    )
+    meta = archive.describe_config(a)
     layout = {p: tuple(s) for p, s in meta["layout"].items()}
     key = jax.random.key(0)
     inputs = {
@@ -83,13 +70,5 @@ def bench_codec(config, num_policies=1024):
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=common.DEFAULT_CONFIG)
-    args, overrides = parser.parse_known_args()
-    result = bench_codec(load_config(args.config, overrides))
-    common.write_result(result, "codec", args.config, overrides)
-
-
 if __name__ == "__main__":
-    main()
+    common.main("codec", bench_codec, __doc__)

@@ -6,8 +6,6 @@ Uses the config's denoiser on random latents and descriptors (speed does not
 depend on the values); writes benchmarks/results/diffusion.json.
 """
 
-import argparse
-
 # isort: off
 import common  # First: gives XLA one host device per core before jax starts.
 
@@ -17,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from lpd import codec_train, diffusion, diffusion_stage
-from lpd.config import load_config
 
 
 def bench_diffusion(config, latent_dim=None, num_descriptors=2):
@@ -73,13 +70,5 @@ def bench_diffusion(config, latent_dim=None, num_descriptors=2):
     return result
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=common.DEFAULT_CONFIG)
-    args, overrides = parser.parse_known_args()
-    result = bench_diffusion(load_config(args.config, overrides))
-    common.write_result(result, "diffusion", args.config, overrides)
-
-
 if __name__ == "__main__":
-    main()
+    common.main("diffusion", bench_diffusion, __doc__)

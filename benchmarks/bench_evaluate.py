@@ -67,17 +67,7 @@ def make_generator(config, meta):
 
 def bench_evaluate(config, num, repeats=2):
     c, a = config.evaluate, config.archive
-    meta = archive.describe_env(
-        {
-            "env": a.env,
-            "backend": a.backend,
-            "episode_length": a.episode_length,
-            "policy": {
-                "hidden_sizes": list(a.policy_hidden_sizes),
-                "normalise_obs": a.normalise_obs,
-            },
-        }
-    )
+    meta = archive.describe_config(a)
     env, policy = archive.make_task(meta)
     gen = make_generator(config, meta)
     key = jax.random.key(0)
@@ -114,9 +104,7 @@ def bench_evaluate(config, num, repeats=2):
         return states.reward
 
     raw_s = common.best_time(lambda: raw_rollout(key), repeats)
-    sample_fn = diffusion_stage.make_sample_fn(
-        gen, config.diffusion.sample_steps, 0.0, "ddim"
-    )
+    sample_fn = diffusion_stage.make_sample_fn(gen)
     cond = jax.random.uniform(key, (batch, len(meta["descriptor_names"])))
     sample_s = common.best_time(lambda: sample_fn(cond, key, jnp.float32(1.0)), repeats)
     return {

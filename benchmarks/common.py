@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: device setup, timing, result files."""
 
+import argparse
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 
 from lpd import archive_io  # noqa: E402
+from lpd.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(ROOT / "experiments/configs/default.py")
@@ -46,3 +48,13 @@ def write_result(result: dict, name: str, config: str, overrides: list) -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     json.dump(result, sys.stdout, indent=2)
     print()
+
+
+def main(name: str, bench_fn, doc: str) -> None:
+    """``--config FILE[:ARG] [--config.x.y=v ...]``, run ``bench_fn(config)``,
+    write ``results/<name>.json``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    args, overrides = parser.parse_known_args()
+    result = bench_fn(load_config(args.config, overrides))
+    write_result(result, name, args.config, overrides)

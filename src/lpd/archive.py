@@ -150,6 +150,21 @@ def make_task(meta: dict) -> tuple[object, policy_lib.Policy]:
     return env, policy_lib.Policy(hidden, env.action_size, normalise)
 
 
+def describe_config(c: ml_collections.ConfigDict) -> dict:
+    """The metadata ``config.archive`` implies (see :func:`describe_env`)."""
+    return describe_env(
+        {
+            "env": c.env,
+            "backend": c.backend,
+            "episode_length": c.episode_length,
+            "policy": {
+                "hidden_sizes": list(c.policy_hidden_sizes),
+                "normalise_obs": c.normalise_obs,
+            },
+        }
+    )
+
+
 def describe_env(meta: dict) -> dict:
     """Adds to ``meta`` what the env and policy settings determine."""
     env, policy = make_task(meta)
@@ -203,17 +218,7 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     c = config.archive
     spec = spec_from_config(config)
     fns = make_search_fns(spec)  # Checks env, backend, emitter names.
-    meta = describe_env(
-        {
-            "env": c.env,
-            "backend": c.backend,
-            "episode_length": c.episode_length,
-            "policy": {
-                "hidden_sizes": list(c.policy_hidden_sizes),
-                "normalise_obs": c.normalise_obs,
-            },
-        }
-    )
+    meta = describe_config(c)
     key = jax.random.key(config.seed)
     key_cells, key_policies, key_init, key_search = jax.random.split(key, 4)
     num_dims = len(meta["descriptor_names"])

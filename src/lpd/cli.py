@@ -213,9 +213,7 @@ def _policy_to_render(args) -> tuple[dict, str]:
     cond = diffusion_stage.parse_descriptors(args.descriptor, None, meta)
     guidance = diffusion_stage.picked_guidance(args.workdir, args.guidance)
     gen = diffusion_stage.load_generator(args.workdir)
-    sample_fn = diffusion_stage.make_sample_fn(
-        gen, gen.config.diffusion.sample_steps, 0.0, "ddim"
-    )
+    sample_fn = diffusion_stage.make_sample_fn(gen)
     flat = sample_fn(jnp.asarray(cond), jax.random.key(args.seed), guidance)
     return {p: x[0] for p, x in flat.items()}, f"generated for {args.descriptor}"
 

@@ -251,16 +251,26 @@ def load_generator(workdir) -> Generator:
     )
 
 
-def make_sample_fn(gen: Generator, steps, eta, sampler) -> callable:
+def decode_latents(gen: Generator, z) -> dict:
+    """Policy parameters ``{path: [B, ...]}`` of unit-variance latents ``[B, L]``."""
+    decode = jax.vmap(lambda v: gen.codec.apply(gen.codec_params, v, method="decode"))
+    return codec_lib.unstandardise(gen.stats, decode(z / gen.latent_scale))
+
+
+def make_sample_fn(gen: Generator, steps=None, eta=None, sampler="ddim") -> callable:
     """Jitted ``(conditions [B, D], key, guidance) -> flat params {path: [B, ...]}``.
 
-    The guidance scale is an argument, so one compile serves every scale.
+    ``steps`` and ``eta`` default to ``config.diffusion``'s. The guidance
+    scale is an argument, so one compile serves every scale.
     """
+    c = gen.config.diffusion
+    steps = c.sample_steps if steps is None else steps
+    eta = c.eta if eta is None else eta
     if sampler not in SAMPLERS:
         raise LpdError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if steps <= 0 or steps > gen.schedule.num_timesteps:
         raise LpdError(f"--steps must lie in [1, {gen.schedule.num_timesteps}]")
-    prediction = gen.config.diffusion.prediction
+    prediction = c.prediction
 
     def sample(cond, key, guidance):
         key_noise, key_sample = jax.random.split(key)
@@ -275,11 +285,7 @@ def make_sample_fn(gen: Generator, steps, eta, sampler) -> callable:
             )
         else:
             z = diffusion_lib.ddpm_sample(eps_fn, gen.schedule, x_T, key_sample)
-        z = z / gen.latent_scale
-        decode = jax.vmap(
-            lambda v: gen.codec.apply(gen.codec_params, v, method="decode")
-        )
-        return codec_lib.unstandardise(gen.stats, decode(z))
+        return decode_latents(gen, z)
 
     return jax.jit(sample)
 
@@ -309,7 +315,7 @@ def guidance_sweep(config, workdir, key) -> dict:
         )
     )
     key_sample, key_eval = jax.random.split(key)
-    sample_fn = make_sample_fn(gen, c.sample_steps, c.eta, "ddim")
+    sample_fn = make_sample_fn(gen)
     rows = []
     for guidance in c.sweep_guidance:
         flat = evaluation.map_in_batches(

@@ -39,7 +39,6 @@ from lpd import (
     qd,
     report,
 )
-from lpd import codec as codec_lib
 from lpd import policy as policy_lib
 from lpd.config import config_to_dict, stage_complete
 from lpd.errors import LpdError
@@ -80,16 +79,14 @@ def choose_batch_size(requested: int, num: int, bytes_per_policy: int, budget) -
     return max(devices, min(fit, math.ceil(num / devices) * devices))
 
 
-def make_generate_fn(gen, eval_fn, steps: int) -> callable:
+def make_generate_fn(gen, eval_fn) -> callable:
     """Jitted ``(conditions [B, D], key, guidance, elites [N, P])``.
 
     Returns ``(returns [B], achieved [B, D], nearest-elite distance [B],
     nearest-elite index [B])``; episodes use ``key`` itself (as the original
     elites' do), sampling ``fold_in(key, 1)``.
     """
-    sample_fn = diffusion_stage.make_sample_fn(
-        gen, steps, gen.config.diffusion.eta, "ddim"
-    )
+    sample_fn = diffusion_stage.make_sample_fn(gen)
 
     def generate(cond, key, guidance, elites):
         flat = sample_fn(cond, jax.random.fold_in(key, 1), guidance)
@@ -109,15 +106,8 @@ def _codec_reconstructions(gen, workdir, cells, batch_size: int) -> dict:
     with np.load(path) as data:
         if not np.array_equal(data["cells"], cells):
             raise LpdError(f"{path} was made from another archive; rerun the codec")
-        latents = jnp.asarray(data["latents"]) / float(data["scale"])
-    decode = jax.jit(
-        lambda z, _: codec_lib.unstandardise(
-            gen.stats,
-            jax.vmap(lambda v: gen.codec.apply(gen.codec_params, v, method="decode"))(
-                z
-            ),
-        )
-    )
+        latents = jnp.asarray(data["latents"])  # Unit variance, as sampled.
+    decode = jax.jit(lambda z, _: diffusion_stage.decode_latents(gen, z))
     return evaluation.map_in_batches(decode, latents, batch_size, jax.random.key(0))
 
 
@@ -190,7 +180,7 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     score = jax.jit(lambda f, k: eval_fn(policy_lib.unflatten_params(f), k))
     elites = evaluation.flat_vectors({p: jnp.asarray(x) for p, x in flat.items()})
     generate = functools.partial(
-        make_generate_fn(gen, eval_fn, gen.config.diffusion.sample_steps),
+        make_generate_fn(gen, eval_fn),
         guidance=jnp.float32(guidance),
         elites=elites,
     )

@@ -6,6 +6,7 @@ exactly the same protocol (same episodes, same keys).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def flat_vectors(flat: dict) -> jax.Array:
     return jnp.concatenate([flat[p].reshape(num, -1) for p in sorted(flat)], axis=1)
 
 
+@functools.partial(jax.jit, static_argnames="k")
 def nearest(x, y, k: int = 1):
     """The ``k`` nearest rows of ``y`` ``[N, P]`` to each row of ``x`` ``[B, P]``.
 

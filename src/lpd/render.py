@@ -54,6 +54,13 @@ def rollout(env, policy, params, chunks, key, keep_states: bool = False):
     return out
 
 
+def alive_mask(dones) -> np.ndarray:
+    """``[..., T]`` whether each step still belongs to the episode: every step
+    up to and including the first done (the env keeps stepping after it)."""
+    dones = np.asarray(dones, bool)
+    return (np.cumsum(dones, axis=-1) - dones) == 0
+
+
 def write_html(env, policy, params, chunks, key, out: Path) -> dict:
     """Writes one episode (see :func:`rollout`) as a Brax HTML viewer.
 
@@ -61,8 +68,7 @@ def write_html(env, policy, params, chunks, key, out: Path) -> dict:
     return and mean foot contact.
     """
     traj = jax.jit(lambda p, k: rollout(env, policy, p, chunks, k, True))(params, key)
-    dones = np.asarray(traj["dones"])
-    length = int(np.argmax(dones) + 1) if dones.any() else len(dones)
+    length = int(alive_mask(traj["dones"]).sum())
     states = traj["states"]
     frames = [jax.tree.map(lambda x, i=i: x[i], states) for i in range(length + 1)]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -71,10 +71,10 @@ def model_sizes(gen, flat: dict) -> dict:
     }
 
 
-def _novelty(generated, asked, elite_descriptors, elite_distances) -> dict:
+def _novelty(generated, elite_descriptors, elite_distances) -> dict:
     """Distances from generated policies to their nearest training elites."""
-    _, achieved, weight_distance, weight_index = generated
-    dist, index = evaluation.nearest(
+    _, achieved, weight_distance, _ = generated
+    dist, _ = evaluation.nearest(
         np.asarray(achieved, np.float32), np.asarray(elite_descriptors, np.float32)
     )
     return {
@@ -84,11 +84,6 @@ def _novelty(generated, asked, elite_descriptors, elite_distances) -> dict:
             np.median(weight_distance) / np.median(elite_distances)
         ),
         "descriptor_distance": evaluation.quantiles(np.asarray(dist)[:, 0]),
-        "nearest_elite_is_asked_fraction": float(
-            np.mean(np.asarray(weight_index) == np.arange(len(weight_index)))
-        )
-        if asked is not None
-        else None,
     }
 
 
@@ -139,12 +134,16 @@ def summarise(results: Results, centroids, meta: dict, sizes: dict) -> dict:
             "num_conditions": int(len(results.uniform_asked)),
             "nearest_elite": fid(lookup, results.uniform_asked),
             "novelty": _novelty(
-                results.uniform, None, results.asked, results.elite_distances
+                results.uniform, results.asked, results.elite_distances
             ),
         },
-        "novelty": _novelty(
-            results.generated, results.asked, results.asked, results.elite_distances
-        ),
+        "novelty": {
+            **_novelty(results.generated, results.asked, results.elite_distances),
+            # Generated policy i was asked for elite i's descriptor.
+            "nearest_elite_is_asked_fraction": float(
+                np.mean(results.generated[3] == np.arange(len(results.generated[3])))
+            ),
+        },
     }
     return summary
 
@@ -160,16 +159,8 @@ def stage_times(workdir, evaluate_s: float) -> dict:
     return times
 
 
-ROWS = (
-    ("generated (diffusion)", None),
-    ("codec only", "codec_only"),
-    ("uniform sweep: generated", "uniform"),
-    ("uniform sweep: nearest elite", ("uniform", "nearest_elite")),
-)
-
-
 def _row(label: str, m: dict, compression) -> str:
-    comp = f"{compression:.1f}x" if compression else "1x"
+    comp = f"{compression:.1f}x"
     return (
         f"| {label} | {m['reward_ratio']:.3f} | {m['coverage_ratio']:.3f} | "
         f"{m['qd_score_ratio']:.3f} | {m['js_divergence']:.4f} | "
@@ -192,15 +183,13 @@ def to_markdown(s: dict) -> str:
         "divergence | measure error | compression |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, key in ROWS:
-        if key is None:
-            m, comp = s, s["compression_ratio"]
-        elif isinstance(key, tuple):
-            m, comp = s[key[0]][key[1]], None
-        else:
-            m = s[key]
-            comp = m.get("compression_ratio", s["compression_ratio"])
-        lines.append(_row(label, m, comp))
+    rows = [
+        ("generated (diffusion)", s, s["compression_ratio"]),
+        ("codec only", s["codec_only"], s["codec_only"]["compression_ratio"]),
+        ("uniform sweep: generated", s["uniform"], s["compression_ratio"]),
+        ("uniform sweep: nearest elite", s["uniform"]["nearest_elite"], 1.0),
+    ]
+    lines += [_row(*row) for row in rows]
     n, p = s["novelty"], s["model_params"]
     lines += [
         "",

@@ -43,10 +43,7 @@ def chunk_metrics(rewards, contacts, dones, chunks, num_chunks: int) -> dict:
         ``returns [S, K]``, ``descriptors [S, K, D]`` (NaN for a chunk the
         body never reached alive), ``alive_steps [S]``.
     """
-    dones = np.asarray(dones, bool)
-    # Alive at step t: no done strictly before t (the step that ends counts).
-    before = np.cumsum(dones, axis=1) - dones
-    alive = (before == 0).astype(np.float64)
+    alive = render.alive_mask(dones).astype(np.float64)
     onehot = np.eye(num_chunks)[chunks]  # [T, K]
     returns = np.einsum("st,tk->sk", np.asarray(rewards) * alive, onehot)
     steps = np.einsum("st,tk->sk", alive, onehot)
@@ -62,8 +59,7 @@ def chunk_metrics(rewards, contacts, dones, chunks, num_chunks: int) -> dict:
 
 def _alive_contacts(traj) -> np.ndarray:
     """``[S, T, D]`` foot contacts, NaN once the episode has ended."""
-    dones = np.asarray(traj["dones"], bool)
-    alive = (np.cumsum(dones, axis=1) - dones) == 0
+    alive = render.alive_mask(traj["dones"])
     return np.where(alive[..., None], np.asarray(traj["contacts"]), np.nan)
 
 
@@ -127,9 +123,7 @@ def run_sequence(workdir, asked, num_seeds: int, guidance, seed: int, out) -> di
     chunks = chunk_index(length, num_chunks)
     key_sample, key_reset = jax.random.split(jax.random.key(seed))
 
-    sample_fn = diffusion_stage.make_sample_fn(
-        gen, gen.config.diffusion.sample_steps, 0.0, "ddim"
-    )
+    sample_fn = diffusion_stage.make_sample_fn(gen)
     cond = jnp.asarray(np.tile(asked, (num_seeds, 1)))  # [S * K, D]
     flat = sample_fn(cond, key_sample, jnp.float32(guidance))
     generated = jax.tree.map(
