@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lpd.errors import LpdError
@@ -26,13 +28,30 @@ def _on_this_host(template):
 
     Orbax otherwise restores onto the devices the checkpoint was saved from,
     and fails when the device count differs (a run made with one XLA host
-    device per core, read on a GPU host or in a plain Python session). The
-    jitted steps reshard what they read, so one device is enough here.
+    device per core, read on a GPU host or in a plain Python session).
     """
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
     )
+
+
+def _uncommitted(tree):
+    """``tree``'s arrays rebuilt uncommitted (typed PRNG keys included), so
+    each jitted step places them as its own shardings say: arrays committed
+    to one device clash with a step sharded over several."""
+
+    def rebuild(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jnp.asarray(np.asarray(x))
+
+    return jax.tree.map(rebuild, tree)
+
+
+def _restore(restore_fn, template):
+    return _uncommitted(restore_fn(_on_this_host(template)))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state) -> None:
@@ -42,8 +61,8 @@ def save(manager: ocp.CheckpointManager, step: int, state) -> None:
 def restore(manager: ocp.CheckpointManager, step: int, template, directory: Path):
     """Restores ``step`` against ``template`` (an ``eval_shape`` of the state)."""
     try:
-        return manager.restore(
-            step, args=ocp.args.StandardRestore(_on_this_host(template))
+        return _restore(
+            lambda t: manager.restore(step, args=ocp.args.StandardRestore(t)), template
         )
     except Exception as e:  # orbax raises many types for damaged files.
         raise LpdError(
@@ -69,7 +88,9 @@ def load_tree(path: Path, template, what: str):
     """Reads a pytree written by :func:`save_tree` against ``template``."""
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(path.absolute(), _on_this_host(template))
+            return _restore(
+                lambda t: checkpointer.restore(path.absolute(), t), template
+            )
     except Exception as e:  # orbax raises many types for damaged files.
         raise LpdError(
             f"{what} at {path} is missing or corrupt ({type(e).__name__}); "
