@@ -61,7 +61,8 @@ def tiny_diffusion(tiny_codec, tiny_config_path, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(tiny_diffusion, tiny_config_path, tmp_path_factory):
     """``lpd run`` on a copy of the tiny diffusion workdir: the three trained
-    stages are complete (and skipped), evaluate runs; returns the workdir."""
+    stages are complete (and skipped), train-text and evaluate run; returns
+    the workdir."""
     import shutil
 
     from lpd.cli import main

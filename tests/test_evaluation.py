@@ -172,3 +172,31 @@ def test_report_schema_and_known_values(tmp_path):
         "| generated (diffusion) | 1.000 | 1.000 |"
         in (tmp_path / "report.md").read_text()
     )
+
+
+def test_text_summary_counts_policies_in_each_prompt_region():
+    prompts = [
+        {"prompt": "a", "paraphrase": False, "low": [0.7, 0.0], "high": [1.0, 0.3]},
+        {"prompt": "b", "paraphrase": True, "low": [0.0, 0.0], "high": [0.3, 0.3]},
+    ]
+    achieved = np.array(
+        [[0.8, 0.1], [0.9, 0.2], [0.5, 0.1], [0.1, 0.1], [0.9, 0.9], [0.5, 0.5]]
+    )
+    returns = np.arange(6.0)
+    by_text = (returns, achieved, np.zeros(6), np.zeros(6, int))
+    by_descriptor = (returns + 10, achieved[::-1], np.zeros(6), np.zeros(6, int))
+    original = (np.zeros(4), np.array([[0.8, 0.1], [0.2, 0.2], [0.1, 0.3], [0.5, 0]]))
+    t = report.text_summary(prompts, 3, by_text, by_descriptor, original)
+    a, b = t["prompts"]
+    assert a["in_region"] == pytest.approx(2 / 3) and b["in_region"] == pytest.approx(
+        1 / 3
+    )
+    assert a["mean_return"] == 1.0 and b["mean_return"] == 4.0
+    # Reversed: prompt a gets [0.5,0.5],[0.9,0.9],[0.1,0.1]; b gets the first three.
+    assert a["descriptor_in_region"] == 0.0 and b["descriptor_in_region"] == 0.0
+    assert a["descriptor_mean_return"] == 11.0 and b["descriptor_mean_return"] == 14.0
+    assert a["archive_in_region"] == 0.25 and b["archive_in_region"] == 0.5
+    assert t["in_region"] == pytest.approx(0.5)
+    assert t["in_region_label_phrases"] == pytest.approx(2 / 3)
+    assert t["in_region_paraphrases"] == pytest.approx(1 / 3)
+    assert t["archive_in_region"] == pytest.approx(0.375)

@@ -75,3 +75,40 @@ def test_label_file_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"labels": [{"cell": 3}]}))
     with pytest.raises(LpdError, match="cannot read labels"):
         labels.read_labels(tmp_path / "bad.json", cells)
+
+
+@pytest.mark.parametrize(
+    "names", [NAMES, ["foot"], ["leg_1", "leg_2", "leg_3", "leg_4"]]
+)
+def test_metric_prompts_match_labels_except_the_paraphrases(names):
+    """Label phrases are what the labels say inside their region; paraphrases
+    occur in no label anywhere."""
+    grid = np.linspace(0.0, 1.0, 11)
+    every = np.stack(np.meshgrid(*[grid] * len(names)), -1).reshape(-1, len(names))
+    all_texts = " | ".join(
+        t
+        for ts in labels.make_labels(
+            every, np.arange(len(every)), np.linspace(0, 1, len(every)), names
+        )
+        for t in ts
+    )
+    prompts = labels.metric_prompts(names)
+    assert len(prompts) == (10 if len(names) == 2 else 6)
+    for p in prompts:
+        assert len(p["low"]) == len(p["high"]) == len(names)
+        assert (p["prompt"] in all_texts) != p["paraphrase"], p
+        if not p["paraphrase"]:
+            inside = every[labels.in_region(every, p["low"], p["high"])]
+            # Off the region edges, where the labels' levels are strict.
+            clear = inside[~np.any(np.isin(inside.round(6), [0.3, 0.7]), axis=1)]
+            assert len(clear)
+            for contact in clear:
+                said = labels.describe(contact, names, "", False)[0]
+                assert said.startswith(p["prompt"]), (contact, said)
+
+
+def test_in_region_is_inclusive_per_dimension():
+    d = np.array([[0.7, 0.3], [0.69, 0.3], [0.8, 0.31], [1.0, 0.0]])
+    np.testing.assert_array_equal(
+        labels.in_region(d, [0.7, 0.0], [1.0, 0.3]), [True, False, False, True]
+    )

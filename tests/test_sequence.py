@@ -97,3 +97,41 @@ def test_sequence_errors(tiny_run, tmp_path, capsys, descriptors, fragment):
     err = capsys.readouterr().err.strip()
     assert code == 2 and fragment in err and "\n" not in err, err
     assert not out.exists()
+
+
+def test_sequence_by_texts(tiny_run, tmp_path, capsys):
+    out = tmp_path / "seq"
+    texts = "hop on the left foot|walk with an even gait"
+    argv = ["sequence", "--workdir", str(tiny_run), "--texts", texts]
+    code = main([*argv, "--seeds", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    summary = json.loads((out / "sequence.json").read_text())
+    assert summary["texts"] == texts.split("|")
+    all_labels = {
+        t
+        for e in json.loads((tiny_run / "text" / "labels.json").read_text())["labels"]
+        for t in e["texts"]
+    }
+    assert set(summary["matched_labels"]) <= all_labels
+    # The baseline elites are the reference descriptors of the chunks.
+    assert summary["asked"] == summary["nearest_elite_descriptors"]
+    assert len(summary["generated"]["chunks"]) == 2
+    assert "closest label" in printed
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--texts", "hop||walk"], "give non-empty sentences"),
+        (["--texts", " "], "give non-empty sentences"),
+        (["--texts", "hop", "--descriptors", "0.5,0.5"], "exactly one of"),
+        ([], "exactly one of"),
+    ],
+)
+def test_sequence_text_errors(tiny_run, tmp_path, capsys, extra, fragment):
+    out = tmp_path / "seq"
+    code = main(["sequence", "--workdir", str(tiny_run), "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and "\n" not in err, err
+    assert not out.exists()

@@ -107,6 +107,21 @@ def get_diffusion_config() -> ml_collections.ConfigDict:
     )
 
 
+def get_text_config() -> ml_collections.ConfigDict:
+    """Labels and the text-conditioned denoiser (its architecture, batch and
+    optimiser are config.diffusion's)."""
+    return ml_collections.ConfigDict(
+        dict(
+            # Your own labels (format in the README); unset: automatic labels.
+            labels_file=ml_collections.config_dict.placeholder(str),
+            label_episodes=4,  # random-reset episodes per elite for its label
+            label_batch_size=256,  # policies per labelling call
+            num_steps=10_000,
+            log_period=500,
+        )
+    )
+
+
 def get_evaluate_config() -> ml_collections.ConfigDict:
     """Evaluation settings (the protocol of shared/method.md, section 5)."""
     return ml_collections.ConfigDict(
@@ -115,6 +130,7 @@ def get_evaluate_config() -> ml_collections.ConfigDict:
             batch_size=0,  # policies per jitted call; 0: as many as fit in memory
             memory_fraction=0.25,  # of device memory (CPU: RAM) rollouts may take
             uniform_conditions=0,  # descriptors of the uniform sweep; 0: one per elite
+            text_samples=64,  # generated policies per prompt of the text metric
             # Guidance scale; unset: the diffusion stage's sweep pick.
             guidance=ml_collections.config_dict.placeholder(float),
         )
@@ -127,5 +143,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.archive = get_archive_config()
     config.codec = get_codec_config()
     config.diffusion = get_diffusion_config()
+    config.text = get_text_config()
     config.evaluate = get_evaluate_config()
     return config

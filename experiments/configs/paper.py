@@ -42,6 +42,8 @@ def get_config(env: str = "walker2d") -> ml_collections.ConfigDict:
     config.codec.update(num_steps=20_000, eval_episodes=50, eval_batch_size=1024)
     config.diffusion = default.get_diffusion_config()
     config.diffusion.update(num_steps=50_000, sweep_conditions=1024, sweep_episodes=10)
+    config.text = default.get_text_config()
+    config.text.update(num_steps=50_000, label_episodes=10)
     config.evaluate = default.get_evaluate_config()
     config.evaluate.update(episodes=50)
     return config

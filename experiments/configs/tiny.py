@@ -60,6 +60,10 @@ def get_config(env: str = "walker2d_uni") -> ml_collections.ConfigDict:
         sweep_batch_size=8,
         ema_decay=0.5,
     )
+    config.text = default.get_text_config()
+    config.text.update(
+        label_episodes=2, label_batch_size=16, num_steps=40, log_period=20
+    )
     config.evaluate = default.get_evaluate_config()
-    config.evaluate.update(episodes=2, uniform_conditions=8)
+    config.evaluate.update(episodes=2, uniform_conditions=8, text_samples=4)
     return config

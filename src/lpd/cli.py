@@ -19,8 +19,11 @@ STAGES = {  # Stage subcommands, which take a config and overrides.
     "train-codec": "train the weight codec on <workdir>/archive, write <workdir>/codec",
     "train-diffusion": "train the latent denoiser on <workdir>/codec, write "
     "<workdir>/diffusion",
+    "train-text": "label the elites and train a text-conditioned denoiser, write "
+    "<workdir>/text",
     "evaluate": "measure the generator against the archive, write <workdir>/report",
-    "run": "all stages in turn: archive, train-codec, train-diffusion, evaluate",
+    "run": "all stages in turn: archive, train-codec, train-diffusion, train-text, "
+    "evaluate",
 }
 USAGE = "lpd <command> [options]; `lpd <command> -h` for help"
 
@@ -70,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--descriptors-file", help=".npy or comma-separated text, one row each"
     )
+    sample.add_argument(
+        "--text", help="a sentence instead, e.g. 'hop on the left foot'"
+    )
     sample.add_argument("--num", type=int, default=1, help="policies per descriptor")
     sample.add_argument(
         "--guidance", type=float, help="guidance scale (default: the sweep's pick)"
@@ -92,11 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--out", required=True, help="path of the .html to write")
     seq = commands.add_parser(
         "sequence",
-        help="chain generated policies in one episode, one per asked descriptor",
+        help="chain generated policies in one episode, one per descriptor or text",
     )
     seq.add_argument("--workdir", required=True)
+    seq.add_argument("--descriptors", help="asks in order, e.g. 0.1,0.9;0.9,0.1")
     seq.add_argument(
-        "--descriptors", required=True, help="asks in order, e.g. 0.1,0.9;0.9,0.1"
+        "--texts", help="or sentences in order, e.g. 'hop on the left foot|walk'"
     )
     seq.add_argument("--seeds", type=int, default=32, help="episodes (vmapped)")
     seq.add_argument("--guidance", type=float, help="default: the sweep's pick")
@@ -136,12 +143,19 @@ def run(argv: list[str]) -> int:
             directory = pipeline.STAGES[name](config, args.workdir)
             print(f"{name}: written to {directory}")
     elif args.command == "sample":
-        from lpd import archive_io, diffusion_stage
+        from lpd import archive_io, diffusion_stage, text_stage
 
         meta = archive_io.load_meta(args.workdir)
-        conditions = diffusion_stage.parse_descriptors(
-            args.descriptor, args.descriptors_file, meta
-        )
+        texts = None
+        if args.text is not None:
+            if args.descriptor is not None or args.descriptors_file is not None:
+                raise LpdError("give --text or a descriptor, not both")
+            texts = [args.text.strip()]
+            conditions = text_stage.encode_prompts(texts, "--text")
+        else:
+            conditions = diffusion_stage.parse_descriptors(
+                args.descriptor, args.descriptors_file, meta
+            )
         out, num = diffusion_stage.sample_to_npz(
             args.workdir,
             conditions,
@@ -152,6 +166,7 @@ def run(argv: list[str]) -> int:
             args.sampler,
             args.seed,
             args.out,
+            texts,
         )
         print(f"sample: wrote {num} policies to {out}")
     elif args.command == "render":
@@ -166,11 +181,16 @@ def run(argv: list[str]) -> int:
     elif args.command == "sequence":
         from lpd import archive_io, sequence
 
-        asked = sequence.parse_sequence(
-            args.descriptors, archive_io.load_meta(args.workdir)
-        )
+        if (args.descriptors is None) == (args.texts is None):
+            raise LpdError("give exactly one of --descriptors and --texts")
+        asked, texts = None, None
+        if args.texts is not None:
+            texts = sequence.parse_texts(args.texts)
+        else:
+            meta = archive_io.load_meta(args.workdir)
+            asked = sequence.parse_sequence(args.descriptors, meta)
         summary = sequence.run_sequence(
-            args.workdir, asked, args.seeds, args.guidance, args.seed, args.out
+            args.workdir, asked, args.seeds, args.guidance, args.seed, args.out, texts
         )
         print(sequence.format_summary(summary))
         print(f"sequence: written to {args.out}")

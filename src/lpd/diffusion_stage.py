@@ -53,7 +53,13 @@ def diffusion_dir(workdir) -> Path:
     return Path(workdir) / "diffusion"
 
 
+def text_dir(workdir) -> Path:
+    """The text-conditioned denoiser's stage (``lpd train-text``)."""
+    return Path(workdir) / "text"
+
+
 ARCHITECTURES = ("transformer", "unet")
+TEXT_DIM = 384  # all-MiniLM-L6-v2's sentence embeddings (lpd.text).
 
 
 def make_denoiser(c: ml_collections.ConfigDict, latent_dim: int):
@@ -107,7 +113,10 @@ def _load_latents(workdir):
 
 
 def make_train_chunk(model, schedule, optimizer, c, num_steps):
-    """Jitted ``(state, (latents [N, L], descriptors [N, D]), start, key)``."""
+    """Jitted ``(state, (latents [N, L], conditions [N, C]), start, key)``.
+
+    ``c`` holds ``batch_size``, ``prediction``, ``cond_dropout`` and ``ema_decay``.
+    """
 
     def train_step(state, data, step, key):
         latents, descriptors = data
@@ -199,13 +208,16 @@ class Generator(NamedTuple):
     latent_scale: float
 
 
-def load_generator(workdir) -> Generator:
-    """Loads the codec and the denoiser of a workdir (trained stages)."""
-    directory = diffusion_dir(workdir)
+def load_generator(workdir, text: bool = False) -> Generator:
+    """Loads the codec and a denoiser of a workdir (trained stages).
+
+    The descriptor-conditioned denoiser, or with ``text`` the one conditioned
+    on sentence embeddings ``[384]`` (``<workdir>/text``).
+    """
+    directory = text_dir(workdir) if text else diffusion_dir(workdir)
     if not (directory / "model").exists():
-        raise LpdError(
-            f"no trained denoiser in {directory}: run `lpd train-diffusion` first"
-        )
+        command = "train-text" if text else "train-diffusion"
+        raise LpdError(f"no trained denoiser in {directory}: run `lpd {command}` first")
     config = ml_collections.ConfigDict(
         json.loads((directory / "config.json").read_text())
     )
@@ -226,7 +238,8 @@ def load_generator(workdir) -> Generator:
     codec_template = jax.eval_shape(codec.init, jax.random.key(0), flat_template)
     stats_template = codec_lib.Standardiser(flat_template, flat_template)
     latent = jax.ShapeDtypeStruct((codec_meta["latent_dim"],), jnp.float32)
-    cond = jax.ShapeDtypeStruct((len(archive_meta["descriptor_names"]),), jnp.float32)
+    cond_dim = TEXT_DIM if text else len(archive_meta["descriptor_names"])
+    cond = jax.ShapeDtypeStruct((cond_dim,), jnp.float32)
     denoiser_template = jax.eval_shape(
         denoiser.init, jax.random.key(0), latent, 0, cond, False
     )
@@ -354,7 +367,9 @@ def guidance_sweep(config, workdir, key) -> dict:
 def parse_descriptors(text: str | None, path: str | None, meta: dict) -> np.ndarray:
     """Conditions ``[K, D]`` from ``--descriptor a,b`` or a descriptors file."""
     if (text is None) == (path is None):
-        raise LpdError("give exactly one of --descriptor and --descriptors-file")
+        raise LpdError(
+            "give exactly one of --descriptor, --descriptors-file and --text"
+        )
     dims = len(meta["descriptor_names"])
     if text is not None:
         try:
@@ -399,11 +414,16 @@ def picked_guidance(workdir, guidance: float | None) -> float:
     )
 
 
-def sample_to_npz(workdir, conditions, num, guidance, steps, eta, sampler, seed, out):
+def sample_to_npz(
+    workdir, conditions, num, guidance, steps, eta, sampler, seed, out, texts=None
+):
     """Generates ``num`` policies per condition and writes them as an npz.
 
-    Keys: the policy leaves ``params/...`` ``[K * num, ...]``, ``descriptors``
-    ``[K * num, D]`` (the asked ones) and ``metadata`` (JSON string).
+    ``conditions`` are descriptors ``[K, D]``, or with ``texts`` (K prompts)
+    their embeddings ``[K, 384]`` for the text-conditioned denoiser.
+    Keys: the policy leaves ``params/...`` ``[K * num, ...]``, the asked
+    ``descriptors`` ``[K * num, D]`` or ``texts`` ``[K * num]``, and
+    ``metadata`` (JSON string).
     """
     out = Path(out)
     if out.suffix != ".npz":
@@ -413,7 +433,7 @@ def sample_to_npz(workdir, conditions, num, guidance, steps, eta, sampler, seed,
     if num <= 0:
         raise LpdError("--num must be > 0")
     guidance = picked_guidance(workdir, guidance)
-    gen = load_generator(workdir)
+    gen = load_generator(workdir, text=texts is not None)
     if steps is None:
         steps = gen.config.diffusion.sample_steps
     cond = np.repeat(conditions, num, axis=0)
@@ -425,9 +445,14 @@ def sample_to_npz(workdir, conditions, num, guidance, steps, eta, sampler, seed,
         for key in ("env", "backend", "episode_length", "policy", "descriptor_names")
     }
     meta.update(guidance=guidance, steps=steps, eta=eta, sampler=sampler, seed=seed)
+    asked = (
+        {"texts": np.repeat(np.asarray(texts), num)}
+        if texts is not None
+        else {"descriptors": cond}
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("wb") as f:
-        np.savez(f, descriptors=cond, metadata=np.asarray(json.dumps(meta)), **flat)
+        np.savez(f, metadata=np.asarray(json.dumps(meta)), **asked, **flat)
     tmp.replace(out)
     return out, len(cond)

@@ -1,4 +1,4 @@
-"""Stage 4: measure the generator against the archive (``lpd evaluate``).
+"""Last stage: measure the generator against the archive (``lpd evaluate``).
 
 The protocol of ``shared/method.md`` section 5. Every policy (original elite,
 codec reconstruction, generated) runs ``config.evaluate.episodes`` episodes
@@ -6,7 +6,9 @@ from random resets with QDax's scoring function, batch ``b`` of every set on
 the same keys, so policy i of each set meets the same episodes. Generated
 policies come from one jitted program per batch: sample latents for the
 asked descriptors, decode, roll out, and find the nearest elite in weight
-space.
+space. The text metric asks the text-conditioned denoiser (``lpd
+train-text``) for each of :func:`lpd.labels.metric_prompts` and counts the
+generated policies whose achieved descriptor lies in the prompt's region.
 
 Writes ``<workdir>/report/``: ``report.json``, ``report.md``,
 ``heatmaps.png``, ``descriptors.png``, ``returns.png``, ``parts/`` (each
@@ -36,8 +38,10 @@ from lpd import (
     codec_stage,
     diffusion_stage,
     evaluation,
+    labels,
     qd,
     report,
+    text,
 )
 from lpd import policy as policy_lib
 from lpd.config import config_to_dict, stage_complete
@@ -117,6 +121,38 @@ def _uniform_conditions(meta: dict, num: int, key) -> np.ndarray:
     return np.asarray(low + (high - low) * np.asarray(u), np.float32)
 
 
+def _text_metric(text_gen, generate, eval_fn, meta, samples, batch, key, parts):
+    """Scores ``samples`` policies per metric prompt from the text model, and
+    as many from the descriptor model (``generate``) asked each region's centre.
+
+    Returns ``(prompts, samples, by_text, by_descriptor)`` for
+    :func:`lpd.report.text_summary`.
+    """
+    prompts = labels.metric_prompts(meta["descriptor_names"])
+    embeddings = text.encode(text.load_text_encoder(), [p["prompt"] for p in prompts])
+    centres = [(np.asarray(p["low"]) + np.asarray(p["high"])) / 2 for p in prompts]
+    text_generate = functools.partial(
+        make_generate_fn(text_gen, eval_fn), **generate.keywords
+    )
+    by_text = evaluation.map_in_batches(
+        text_generate,
+        np.repeat(embeddings, samples, axis=0).astype(np.float32),
+        batch,
+        key,
+        "evaluate: text prompts",
+        parts / "text",
+    )
+    by_descriptor = evaluation.map_in_batches(
+        generate,
+        np.repeat(np.stack(centres), samples, axis=0).astype(np.float32),
+        batch,
+        key,
+        "evaluate: prompt regions",
+        parts / "text_regions",
+    )
+    return prompts, samples, by_text, by_descriptor
+
+
 def _parts_dir(directory: Path, batch: int) -> Path:
     """``<report>/parts``, emptied when its batches were cut to another size
     (another machine's memory): batch results only resume at one size."""
@@ -139,13 +175,19 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         log.info("evaluate: complete in %s, skipping", directory)
         return directory
     c = config.evaluate
-    if c.episodes <= 0 or c.batch_size < 0 or c.uniform_conditions < 0:
+    if (
+        c.episodes <= 0
+        or c.text_samples <= 0
+        or c.batch_size < 0
+        or c.uniform_conditions < 0
+    ):
         raise LpdError(
-            "evaluate.episodes must be > 0, evaluate.batch_size and "
-            "evaluate.uniform_conditions >= 0"
+            "evaluate.episodes and evaluate.text_samples must be > 0, "
+            "evaluate.batch_size and evaluate.uniform_conditions >= 0"
         )
     guidance = diffusion_stage.picked_guidance(workdir, c.guidance)
     gen = diffusion_stage.load_generator(workdir)
+    text_gen = diffusion_stage.load_generator(workdir, text=True)
     archive, meta = archive_io.load_archive(workdir)
     idx, flat = archive_io.elites(archive)
     asked = np.asarray(archive.descriptors)[idx]
@@ -173,7 +215,7 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     parts = _parts_dir(directory, batch)
 
     key = jax.random.fold_in(jax.random.key(config.seed), STAGE_KEY)
-    key_eval, key_uniform_eval, key_uniform = jax.random.split(key, 3)
+    key_eval, key_uniform_eval, key_uniform, key_text = jax.random.split(key, 4)
     eval_fn = qd.make_episodes_eval_fn(
         env, policy, meta["episode_length"], c.episodes, batch
     )
@@ -206,6 +248,9 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         "evaluate: uniform sweep",
         parts / "uniform",
     )
+    text_scores = _text_metric(
+        text_gen, generate, eval_fn, meta, c.text_samples, batch, key_text, parts
+    )
     reference, _ = evaluation.map_in_batches(
         lambda e, _: evaluation.nearest(e, elites, k=2), elites, batch, key
     )
@@ -220,6 +265,7 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     )
     summary = report.summarise(results, centroids, meta, report.model_sizes(gen, flat))
     summary.update(
+        text=report.text_summary(*text_scores, original),
         episodes=c.episodes,
         guidance=float(guidance),
         sample_steps=gen.config.diffusion.sample_steps,

@@ -143,6 +143,54 @@ def make_labels(descriptors, returns, episode_fraction, names) -> list[list[str]
     ]
 
 
+# Region levels as contact intervals, and a contact value inside each.
+REGIONS = {"down": (HIGH, 1.0), "up": (0.0, LOW), "mid": (LOW, HIGH)}
+_TYPICAL = {"down": 0.85, "up": 0.15, "mid": 0.5}
+# Paraphrases the labels never use, per level pattern.
+PARAPHRASES = {
+    "down": "keep every foot planted on the ground as you move",
+    "up": "spend most of the time in the air",
+    "mid": "take regular, balanced steps",
+    "one": "balance on the {down} leg and bounce forward",
+}
+
+
+def metric_prompts(names) -> list[dict]:
+    """The text metric's fixed prompts for a body with feet ``names``.
+
+    For every foot down, every foot up and every foot mid (and, with two
+    feet, each foot down with the other up): the gait phrase the labels use
+    and a paraphrase that no label contains. Each prompt comes with the
+    descriptor region it describes, ``low`` and ``high`` ``[D]``.
+    """
+    dims = len(names)
+    patterns = [(level,) * dims for level in ("down", "up", "mid")]
+    if dims == 2:
+        patterns += [("down", "up"), ("up", "down")]
+    prompts = []
+    for pattern in patterns:
+        contact = [_TYPICAL[level] for level in pattern]
+        gaits = _two_feet(contact, names) if dims == 2 else _any_feet(contact, names)
+        if len(set(pattern)) == 1:
+            paraphrase = PARAPHRASES[pattern[0]]
+        else:
+            down = SIDES.get(names[pattern.index("down")], names[pattern.index("down")])
+            paraphrase = PARAPHRASES["one"].format(down=down)
+        region = {
+            "low": [REGIONS[level][0] for level in pattern],
+            "high": [REGIONS[level][1] for level in pattern],
+        }
+        prompts.append({"prompt": gaits[0], "paraphrase": False, **region})
+        prompts.append({"prompt": paraphrase, "paraphrase": True, **region})
+    return prompts
+
+
+def in_region(descriptors, low, high) -> np.ndarray:
+    """``[N]`` whether each descriptor ``[N, D]`` lies in ``[low, high]``."""
+    d = np.asarray(descriptors)
+    return np.all((d >= np.asarray(low)) & (d <= np.asarray(high)), axis=-1)
+
+
 def write_labels(path, cells, texts: list[list[str]]) -> None:
     """Writes the label file (format in the module docstring)."""
     entries = [

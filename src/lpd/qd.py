@@ -244,6 +244,7 @@ def make_episodes_eval_fn(
     episode_length: int,
     num_episodes: int,
     batch_size: int,
+    episode_fraction: bool = False,
 ) -> Callable:
     """``(params [B], key) -> (returns [B], descriptors [B, D])``, traceable.
 
@@ -251,15 +252,20 @@ def make_episodes_eval_fn(
     Brax scoring function (the one that built the archive, in its stochastic
     form); returns and descriptors are averaged over the episodes. The batch
     is sharded over the local devices. Jit it, or call it inside a jitted
-    program.
+    program. With ``episode_fraction``, a third output ``[B]`` is the mean
+    fraction of the episode's steps taken before it ended (1: never fell).
     """
     scoring_fn = _episodes_scoring_fn(env, policy, episode_length, num_episodes)
     sharding = batch_sharding(batch_size)
 
     def eval_fn(params, key):
         params = jax.lax.with_sharding_constraint(params, sharding)
-        returns, descriptors, _ = scoring_fn(params, key)
-        return returns.mean(axis=1), descriptors.mean(axis=1)
+        returns, descriptors, extra = scoring_fn(params, key)
+        out = returns.mean(axis=1), descriptors.mean(axis=1)
+        if episode_fraction:  # Transitions are [B, T, episodes].
+            alive = 1.0 - get_mask_from_transitions(extra["transitions"])
+            out += (alive.mean(axis=(1, 2)),)
+        return out
 
     return eval_fn
 

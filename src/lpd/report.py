@@ -13,10 +13,10 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from lpd import evaluation, plots
+from lpd import evaluation, labels, plots
 from lpd.logs import write_json_atomic
 
-STAGES = ("archive", "codec", "diffusion")
+STAGES = ("archive", "codec", "diffusion", "text")
 
 
 class Results(NamedTuple):
@@ -159,6 +159,75 @@ def stage_times(workdir, evaluate_s: float) -> dict:
     return times
 
 
+def text_summary(prompts: list[dict], samples: int, by_text, by_descriptor, original):
+    """The text metric: per prompt, how many generated policies land in its region.
+
+    Args:
+        prompts: :func:`lpd.labels.metric_prompts`' entries.
+        samples: generated policies per prompt.
+        by_text: ``(returns, achieved, ...)`` of the policies generated from
+            each prompt's embedding, ``samples`` per prompt in prompt order.
+        by_descriptor: the same for the descriptor model asked each region's
+            centre (what the prompt would get if the region were known).
+        original: ``(returns, achieved)`` of the re-evaluated elites (chance:
+            the archive's own share of each region).
+    """
+    rows = []
+    for k, p in enumerate(prompts):
+        part = slice(k * samples, (k + 1) * samples)
+        hit = labels.in_region(by_text[1][part], p["low"], p["high"])
+        hit_descriptor = labels.in_region(by_descriptor[1][part], p["low"], p["high"])
+        rows.append(
+            {
+                **p,
+                "in_region": float(hit.mean()),
+                "mean_return": float(np.mean(by_text[0][part])),
+                "descriptor_in_region": float(hit_descriptor.mean()),
+                "descriptor_mean_return": float(np.mean(by_descriptor[0][part])),
+                "archive_in_region": float(
+                    labels.in_region(original[1], p["low"], p["high"]).mean()
+                ),
+            }
+        )
+    mean = lambda key, sel=lambda r: True: float(
+        np.mean([r[key] for r in rows if sel(r)])
+    )
+    return {
+        "samples_per_prompt": samples,
+        "in_region": mean("in_region"),
+        "in_region_label_phrases": mean("in_region", lambda r: not r["paraphrase"]),
+        "in_region_paraphrases": mean("in_region", lambda r: r["paraphrase"]),
+        "mean_return": mean("mean_return"),
+        "descriptor_in_region": mean("descriptor_in_region"),
+        "archive_in_region": mean("archive_in_region"),
+        "prompts": rows,
+    }
+
+
+def _text_lines(t: dict) -> list[str]:
+    lines = [
+        "",
+        f"Text metric ({t['samples_per_prompt']} generated policies per prompt): "
+        f"share whose achieved foot contact lies in the region the prompt "
+        f"describes, for the text model, for the descriptor model asked the "
+        f"region's centre, and for the archive's own elites (chance).",
+        "",
+        "| prompt | paraphrase | text model | return | descriptor model | archive |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['prompt']} | {'yes' if r['paraphrase'] else 'no'} | "
+        f"{r['in_region']:.2f} | {r['mean_return']:.0f} | "
+        f"{r['descriptor_in_region']:.2f} | {r['archive_in_region']:.2f} |"
+        for r in t["prompts"]
+    ]
+    lines += [
+        f"| **mean** | | {t['in_region']:.2f} | {t['mean_return']:.0f} | "
+        f"{t['descriptor_in_region']:.2f} | {t['archive_in_region']:.2f} |",
+    ]
+    return lines
+
+
 def _row(label: str, m: dict, compression) -> str:
     comp = f"{compression:.1f}x"
     return (
@@ -208,6 +277,7 @@ def to_markdown(s: dict) -> str:
         f"{100 * n['nearest_elite_is_asked_fraction']:.1f}% have the asked elite "
         f"as nearest. Median descriptor distance to the nearest elite: "
         f"{n['descriptor_distance']['q50']:.3f}.",
+        *_text_lines(s["text"]),
         "",
         "![heatmaps](heatmaps.png)",
         "",

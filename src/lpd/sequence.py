@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lpd import archive as archive_lib
-from lpd import archive_io, diffusion_stage, evaluation, plots, render
+from lpd import archive_io, diffusion_stage, evaluation, plots, render, text_stage
 from lpd import policy as policy_lib
 from lpd.devices import batch_sharding
 from lpd.errors import LpdError
@@ -101,9 +101,41 @@ def _summarise(metrics: dict, asked: np.ndarray, episode_length: int) -> dict:
     }
 
 
-def run_sequence(workdir, asked, num_seeds: int, guidance, seed: int, out) -> dict:
+def parse_texts(text: str) -> list[str]:
+    """Prompts from ``"first|second|..."``; one-line error for an empty one."""
+    prompts = [p.strip() for p in text.split("|")]
+    if any(not p for p in prompts):
+        raise LpdError(
+            f"--texts {text!r}: give non-empty sentences separated by '|', e.g. "
+            "'hop on the left foot|walk with an even gait'"
+        )
+    return prompts
+
+
+def _label_matches(workdir, embeddings, fitnesses) -> tuple:
+    """For each prompt embedding, the archive label closest in meaning and
+    the best elite carrying it: ``(labels [K], elite indices [K])``."""
+    path = diffusion_stage.text_dir(workdir) / "embeddings.npz"
+    with np.load(path) as data:
+        texts, label_emb = data["texts"], data["embeddings"]
+        pair_elite, pair_text = data["pair_elite"], data["pair_text"]
+    best = np.argmax(np.asarray(embeddings) @ label_emb.T, axis=1)
+    picks = []
+    for u in best:
+        carriers = pair_elite[pair_text == u]
+        picks.append(int(carriers[np.argmax(fitnesses[carriers])]))
+    return [str(texts[u]) for u in best], np.asarray(picks)
+
+
+def run_sequence(
+    workdir, asked, num_seeds: int, guidance, seed: int, out, texts=None
+) -> dict:
     """Sequences generated policies and the nearest elites; writes ``out/``.
 
+    ``asked``: descriptors ``[K, D]``; or ``texts``, K prompts for the
+    text-conditioned denoiser, whose baseline is the best elite carrying the
+    archive label closest in meaning (embedding cosine) to each prompt, and
+    whose reference descriptor per chunk is that elite's.
     ``out/sequence.json`` (per-chunk asked vs achieved, return, success for
     both), ``out/contacts.png`` (foot contact over time against the asks) and
     ``out/episode.html`` (seed 0 of the generated sequence).
@@ -114,8 +146,22 @@ def run_sequence(workdir, asked, num_seeds: int, guidance, seed: int, out) -> di
     if num_seeds <= 0:
         raise LpdError("--seeds must be > 0")
     guidance = diffusion_stage.picked_guidance(workdir, guidance)
-    gen = diffusion_stage.load_generator(workdir)
+    gen = diffusion_stage.load_generator(workdir, text=texts is not None)
     archive, meta = archive_io.load_archive(workdir)
+    idx, elite_flat = archive_io.elites(archive)
+    stored = np.asarray(archive.descriptors)[idx]
+    extra = {}
+    if texts is not None:
+        cond = text_stage.encode_prompts(texts, "--texts")
+        matched, near = _label_matches(
+            workdir, cond, np.asarray(archive.fitnesses).ravel()[idx]
+        )
+        asked = stored[near]
+        extra = {"texts": list(texts), "matched_labels": matched}
+    else:
+        cond = asked
+        _, near = evaluation.nearest(jnp.asarray(asked), jnp.asarray(stored))
+        near = np.asarray(near)[:, 0]
     env, policy = archive_lib.make_task(meta)
     num_chunks, length = len(asked), int(meta["episode_length"])
     if num_chunks > length:
@@ -124,17 +170,12 @@ def run_sequence(workdir, asked, num_seeds: int, guidance, seed: int, out) -> di
     key_sample, key_reset = jax.random.split(jax.random.key(seed))
 
     sample_fn = diffusion_stage.make_sample_fn(gen)
-    cond = jnp.asarray(np.tile(asked, (num_seeds, 1)))  # [S * K, D]
+    cond = jnp.asarray(np.tile(cond, (num_seeds, 1)), jnp.float32)  # [S * K, C]
     flat = sample_fn(cond, key_sample, jnp.float32(guidance))
     generated = jax.tree.map(
         lambda x: x.reshape(num_seeds, num_chunks, *x.shape[1:]),
         policy_lib.unflatten_params(flat),
     )
-    idx, elite_flat = archive_io.elites(archive)
-    _, near = evaluation.nearest(
-        jnp.asarray(asked), jnp.asarray(np.asarray(archive.descriptors)[idx])
-    )
-    near = np.asarray(near)[:, 0]
     baseline = policy_lib.unflatten_params(
         {
             p: jnp.asarray(np.broadcast_to(x[near], (num_seeds, *x[near].shape)))
@@ -161,15 +202,14 @@ def run_sequence(workdir, asked, num_seeds: int, guidance, seed: int, out) -> di
 
     out.mkdir(parents=True)
     summary = {
+        **extra,
         "asked": np.float64(asked).round(4).tolist(),
         "chunk_steps": np.bincount(chunks).tolist(),
         "seeds": num_seeds,
         "guidance": guidance,
         "success_threshold_steps": SUCCESS_FRACTION * length,
         "descriptor_names": meta["descriptor_names"],
-        "nearest_elite_descriptors": np.float64(archive.descriptors[idx][near])
-        .round(4)
-        .tolist(),
+        "nearest_elite_descriptors": np.float64(stored[near]).round(4).tolist(),
         **{name: s for name, (_, s) in results.items()},
     }
     write_json_atomic(out / "sequence.json", summary)
@@ -202,6 +242,12 @@ def format_summary(summary: dict) -> str:
                     f"{achieved} ({c['measure_error']:.2f}, {c['mean_return']:.0f})"
                 )
         ask = ",".join(f"{v:.2f}" for v in asked)
+        if "texts" in summary:
+            lines.append(
+                f"{k:5d}  {summary['texts'][k]!r} (closest label: "
+                f"{summary['matched_labels'][k]!r}, its elite {ask})"
+            )
+            ask = ""
         lines.append(f"{k:5d}  {ask:12s}  {cells[0]:36s}  {cells[1]}")
     lines.append(
         f"success (up after {summary['success_threshold_steps']:.0f} steps): "
