@@ -144,3 +144,23 @@ def test_episode_fraction_is_an_extra_output(tiny_archive):
     assert fraction.shape == (4,)
     # At least one step of each episode counts; never more than all of them.
     assert np.all(fraction >= 1 / meta["episode_length"]) and np.all(fraction <= 1)
+
+
+def test_interrupted_text_stage_resumes_to_the_same_model(
+    tiny_run, tiny_config_path, tmp_path, run_killed_after
+):
+    from lpd.config import load_config
+    from lpd.text_stage import run_text_stage
+
+    workdir = _trained_copy(tiny_run, tmp_path)
+    config = load_config(tiny_config_path)
+    run_killed_after(20, lambda: run_text_stage(config, workdir))
+    assert not (workdir / "text" / "meta.json").exists()
+    run_text_stage(config, workdir)
+    for name in ("labels.json", "metrics.jsonl"):
+        assert (workdir / "text" / name).read_text() == (
+            tiny_run / "text" / name
+        ).read_text(), name
+    resumed = diffusion_stage.load_generator(workdir, text=True).denoiser_params
+    whole = diffusion_stage.load_generator(tiny_run, text=True).denoiser_params
+    jax.tree.map(np.testing.assert_array_equal, resumed, whole)

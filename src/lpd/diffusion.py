@@ -1,9 +1,10 @@
 """Latent diffusion core: cosine schedule, conditional denoiser, loss, samplers.
 
-Not yet wired into a stage (``lpd train-diffusion`` / ``lpd sample`` come
-with the rest of issue 4); everything here is pure and tested on toy data.
+Pure functions and modules, tested on toy data; the stages
+(``lpd.diffusion_stage``, ``lpd.text_stage``) train and sample with them.
 
-Shapes: latents ``[L]`` per example (``[B, L]`` batched), conditions ``[D]``,
+Shapes: latents ``[L]`` per example (``[B, L]`` batched), conditions ``[D]``
+(a descriptor, or a 384-d sentence embedding for the text model),
 timesteps integers in ``[0, T)``. Guidance follows
 ``out = out_cond + w * (out_cond - out_uncond)``, so ``w = 0`` is plain
 conditional sampling; the unconditional branch is the learned null
@@ -65,8 +66,11 @@ def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
 
 
 class DescriptorConditioner(nn.Module):
-    """Descriptor ``[D]`` -> conditioning vector ``[features]``, or the learned
-    null vector where ``drop`` is true. Swappable for a text conditioner."""
+    """Condition ``[D]`` -> conditioning vector ``[features]`` (a learned
+    two-layer projection), or the learned null vector where ``drop`` is true.
+
+    The text model feeds it sentence embeddings instead of descriptors; the
+    name stays, as it names the parameters of saved checkpoints."""
 
     features: int
 

@@ -119,7 +119,7 @@ def make_train_chunk(model, schedule, optimizer, c, num_steps):
     """
 
     def train_step(state, data, step, key):
-        latents, descriptors = data
+        latents, conditions = data
         key_batch, key_loss = jax.random.split(jax.random.fold_in(key, step))
         idx = jax.random.randint(key_batch, (c.batch_size,), 0, latents.shape[0])
         loss, grads = jax.value_and_grad(diffusion_lib.diffusion_loss)(
@@ -127,7 +127,7 @@ def make_train_chunk(model, schedule, optimizer, c, num_steps):
             model,
             schedule,
             latents[idx],
-            descriptors[idx],
+            conditions[idx],
             key_loss,
             c.prediction,
             c.cond_dropout,

@@ -131,7 +131,7 @@ def _text_metric(text_gen, generate, eval_fn, meta, samples, batch, key, parts):
     prompts = labels.metric_prompts(meta["descriptor_names"])
     embeddings = text.encode(text.load_text_encoder(), [p["prompt"] for p in prompts])
     centres = [(np.asarray(p["low"]) + np.asarray(p["high"])) / 2 for p in prompts]
-    text_generate = functools.partial(
+    text_generate = functools.partial(  # The same guidance and elites.
         make_generate_fn(text_gen, eval_fn), **generate.keywords
     )
     by_text = evaluation.map_in_batches(

@@ -1,10 +1,10 @@
 """Behaviour sequencing (``lpd sequence``): one episode, K policies in turn.
 
 The episode is cut into K chunks; chunk k is driven by a policy generated
-for the k-th asked descriptor, swapped in at the chunk boundary without a
-reset. The whole episode is one jitted program, vmapped over seeds; the
-baseline runs the archive elites nearest to each ask through the same
-program with the same keys.
+for the k-th asked descriptor (or sentence, by the text model), swapped in
+at the chunk boundary without a reset. The whole episode is one jitted
+program, vmapped over seeds; the baseline runs the archive elites nearest
+to each ask through the same program with the same keys.
 """
 
 from __future__ import annotations
