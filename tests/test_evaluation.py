@@ -160,6 +160,7 @@ def test_report_schema_and_known_values(tmp_path):
     for key in ("reward_ratio", "coverage_ratio", "measure_error", "nearest_elite"):
         assert key in summary["uniform"]
     summary.update(
+        text=_text_summary(),
         episodes=2,
         guidance=1.0,
         sample_steps=10,
@@ -168,13 +169,14 @@ def test_report_schema_and_known_values(tmp_path):
     report.write(tmp_path, summary, _results(same=False), CENTROIDS, META)
     for name in ("report.json", "report.md", "heatmaps.png", "descriptors.png"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert (
-        "| generated (diffusion) | 1.000 | 1.000 |"
-        in (tmp_path / "report.md").read_text()
-    )
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| generated (diffusion) | 1.000 | 1.000 |" in markdown
+    assert "| b | yes | 0.33 | 4 | 0.00 | 0.50 |" in markdown
 
 
-def test_text_summary_counts_policies_in_each_prompt_region():
+def _text_summary():
+    """Two prompts, three policies each; the expected figures are in the test
+    below."""
     prompts = [
         {"prompt": "a", "paraphrase": False, "low": [0.7, 0.0], "high": [1.0, 0.3]},
         {"prompt": "b", "paraphrase": True, "low": [0.0, 0.0], "high": [0.3, 0.3]},
@@ -186,7 +188,11 @@ def test_text_summary_counts_policies_in_each_prompt_region():
     by_text = (returns, achieved, np.zeros(6), np.zeros(6, int))
     by_descriptor = (returns + 10, achieved[::-1], np.zeros(6), np.zeros(6, int))
     original = (np.zeros(4), np.array([[0.8, 0.1], [0.2, 0.2], [0.1, 0.3], [0.5, 0]]))
-    t = report.text_summary(prompts, 3, by_text, by_descriptor, original)
+    return report.text_summary(prompts, 3, by_text, by_descriptor, original)
+
+
+def test_text_summary_counts_policies_in_each_prompt_region():
+    t = _text_summary()
     a, b = t["prompts"]
     assert a["in_region"] == pytest.approx(2 / 3) and b["in_region"] == pytest.approx(
         1 / 3
