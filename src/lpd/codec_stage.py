@@ -201,6 +201,25 @@ def _write_latents(model, params, data, archive, idx, directory) -> float:
     return scale
 
 
+def load_latents(workdir, cells=None) -> dict:
+    """The arrays of a complete codec stage's ``latents.npz`` (numpy).
+
+    With ``cells`` (the archive's elite cells ``[N]``), checks the latents
+    were made from that archive.
+    """
+    directory = codec_dir(workdir)
+    if not (directory / "meta.json").exists():
+        raise LpdError(
+            f"no complete codec in {directory}: run `lpd train-codec` with this "
+            "--workdir first"
+        )
+    with np.load(directory / "latents.npz", allow_pickle=False) as data:
+        latents = dict(data)
+    if cells is not None and not np.array_equal(latents["cells"], cells):
+        raise LpdError(f"{directory} was made from another archive; rerun the codec")
+    return latents
+
+
 def reconstruction_report(c, model, params, stats, flat, meta, archive, key) -> dict:
     """Decodes every elite and rolls both sets out with the same episodes.
 

@@ -101,17 +101,6 @@ def _validate(c: ml_collections.ConfigDict, latent_dim: int) -> None:
         raise LpdError("diffusion.cond_dropout must lie in [0, 1)")
 
 
-def _load_latents(workdir):
-    path = codec_stage.codec_dir(workdir) / "latents.npz"
-    if not (codec_stage.codec_dir(workdir) / "meta.json").exists():
-        raise LpdError(
-            f"no complete codec in {codec_stage.codec_dir(workdir)}: run "
-            "`lpd train-codec` with this --workdir first"
-        )
-    with np.load(path, allow_pickle=False) as data:
-        return jnp.asarray(data["latents"]), jnp.asarray(data["descriptors"])
-
-
 def make_train_chunk(model, schedule, optimizer, c, num_steps):
     """Jitted ``(state, (latents [N, L], conditions [N, C]), start, key)``.
 
@@ -152,7 +141,9 @@ def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         log.info("diffusion: complete in %s, skipping", directory)
         return directory
     c = config.diffusion
-    latents, descriptors = _load_latents(workdir)
+    data = codec_stage.load_latents(workdir)
+    latents = jnp.asarray(data["latents"])
+    descriptors = jnp.asarray(data["descriptors"])
     _validate(c, latents.shape[1])
     key = jax.random.fold_in(jax.random.key(config.seed), STAGE_KEY)
     key_init, key_train, key_sweep = jax.random.split(key, 3)
@@ -313,8 +304,8 @@ def guidance_sweep(config, workdir, key) -> dict:
     """
     c = config.diffusion
     gen = load_generator(workdir)
-    with np.load(codec_stage.codec_dir(workdir) / "latents.npz") as data:
-        descriptors, fitnesses = data["descriptors"], data["fitnesses"]
+    data = codec_stage.load_latents(workdir)
+    descriptors, fitnesses = data["descriptors"], data["fitnesses"]
     pick = np.linspace(0, len(descriptors) - 1, c.sweep_conditions).round().astype(int)
     cond = jnp.asarray(descriptors[pick])
     env, policy = archive_lib.make_task(gen.archive_meta)

@@ -106,11 +106,7 @@ def _codec_reconstructions(gen, workdir, cells, batch_size: int) -> dict:
 
     ``cells``: ``[N]`` archive cells of the elites, which the latents must match.
     """
-    path = codec_stage.codec_dir(workdir) / "latents.npz"
-    with np.load(path) as data:
-        if not np.array_equal(data["cells"], cells):
-            raise LpdError(f"{path} was made from another archive; rerun the codec")
-        latents = jnp.asarray(data["latents"])  # Unit variance, as sampled.
+    latents = codec_stage.load_latents(workdir, cells)["latents"]  # Unit variance.
     decode = jax.jit(lambda z, _: diffusion_stage.decode_latents(gen, z))
     return evaluation.map_in_batches(decode, latents, batch_size, jax.random.key(0))
 

@@ -53,15 +53,11 @@ log = logging.getLogger(__name__)
 STAGE_KEY = 4
 
 
-def _elite_labels(config, workdir, cells, key) -> tuple[list[list[str]], dict]:
-    """Texts per elite (``cells`` order) and how they were made."""
-    c = config.text
+def _elite_labels(c, meta, cells, flat, key) -> tuple[list[list[str]], dict]:
+    """Texts per elite (``cells`` order, parameters ``flat``) and how they were
+    made; ``c`` is ``config.text``."""
     if c.labels_file:
         return labels.read_labels(c.labels_file, cells), {"source": c.labels_file}
-    archive, meta = archive_io.load_archive(workdir)
-    idx, flat = archive_io.elites(archive)
-    if not np.array_equal(idx, cells):
-        raise LpdError("the codec was trained on another archive; rerun the codec")
     env, policy = archive_lib.make_task(meta)
     eval_fn = qd.make_episodes_eval_fn(
         env,
@@ -100,20 +96,15 @@ def run_text_stage(config: ml_collections.ConfigDict, workdir):
         log.info("text: complete in %s, skipping", directory)
         return directory
     _validate(config.text)
-    path = codec_stage.codec_dir(workdir) / "latents.npz"
-    if not (codec_stage.codec_dir(workdir) / "meta.json").exists():
-        raise LpdError(
-            f"no complete codec in {codec_stage.codec_dir(workdir)}: run "
-            "`lpd train-codec` with this --workdir first"
-        )
-    with np.load(path) as data:
-        latents, cells = data["latents"], data["cells"]
+    archive, meta = archive_io.load_archive(workdir)
+    cells, flat = archive_io.elites(archive)
+    latents = codec_stage.load_latents(workdir, cells)["latents"]
     key = jax.random.fold_in(jax.random.key(config.seed), STAGE_KEY)
     key_label, key_init, key_train = jax.random.split(key, 3)
     directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(directory / "config.json", config_dict)
 
-    texts, label_info = _elite_labels(config, workdir, cells, key_label)
+    texts, label_info = _elite_labels(config.text, meta, cells, flat, key_label)
     labels.write_labels(directory / "labels.json", cells, texts)
     distinct = sorted({t for ts in texts for t in ts})
     row = {t: i for i, t in enumerate(distinct)}
