@@ -117,9 +117,10 @@ def _uniform_conditions(meta: dict, num: int, key) -> np.ndarray:
     return np.asarray(low + (high - low) * np.asarray(u), np.float32)
 
 
-def _text_metric(text_gen, generate, eval_fn, meta, samples, batch, key, parts):
-    """Scores ``samples`` policies per metric prompt from the text model, and
-    as many from the descriptor model (``generate``) asked each region's centre.
+def _text_metric(text_generate, generate, meta, samples, batch, key, parts):
+    """Scores ``samples`` policies per metric prompt from the text model
+    (``text_generate``), and as many from the descriptor model (``generate``)
+    asked each region's centre.
 
     Returns ``(prompts, samples, by_text, by_descriptor)`` for
     :func:`lpd.report.text_summary`.
@@ -127,9 +128,6 @@ def _text_metric(text_gen, generate, eval_fn, meta, samples, batch, key, parts):
     prompts = labels.metric_prompts(meta["descriptor_names"])
     embeddings = text.encode(text.load_text_encoder(), [p["prompt"] for p in prompts])
     centres = [(np.asarray(p["low"]) + np.asarray(p["high"])) / 2 for p in prompts]
-    text_generate = functools.partial(  # The same guidance and elites.
-        make_generate_fn(text_gen, eval_fn), **generate.keywords
-    )
     by_text = evaluation.map_in_batches(
         text_generate,
         np.repeat(embeddings, samples, axis=0).astype(np.float32),
@@ -217,10 +215,11 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     )
     score = jax.jit(lambda f, k: eval_fn(policy_lib.unflatten_params(f), k))
     elites = evaluation.flat_vectors({p: jnp.asarray(x) for p, x in flat.items()})
-    generate = functools.partial(
-        make_generate_fn(gen, eval_fn),
-        guidance=jnp.float32(guidance),
-        elites=elites,
+    generate, text_generate = (
+        functools.partial(
+            make_generate_fn(g, eval_fn), guidance=jnp.float32(guidance), elites=elites
+        )
+        for g in (gen, text_gen)
     )
 
     original = evaluation.map_in_batches(
@@ -245,7 +244,7 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         parts / "uniform",
     )
     text_scores = _text_metric(
-        text_gen, generate, eval_fn, meta, c.text_samples, batch, key_text, parts
+        text_generate, generate, meta, c.text_samples, batch, key_text, parts
     )
     reference, _ = evaluation.map_in_batches(
         lambda e, _: evaluation.nearest(e, elites, k=2), elites, batch, key

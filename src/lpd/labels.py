@@ -33,12 +33,17 @@ SIDES = {  # Descriptor name -> the foot's name in words.
 }
 
 
+def _word(name: str) -> str:
+    """A foot's name in words: "left", "back", or the link name spelled out."""
+    return SIDES.get(name, name.replace("_", " "))
+
+
 def _level(x: float) -> str:
     return "up" if x < LOW else "down" if x > HIGH else "mid"
 
 
 def _two_feet(contact, names) -> list[str]:
-    a, b = (SIDES.get(n, n) for n in names)
+    a, b = (_word(n) for n in names)
     la, lb = (_level(x) for x in contact)
     one_down = {
         ("down", "up"): (a, b),
@@ -79,7 +84,7 @@ def _two_feet(contact, names) -> list[str]:
 
 
 def _any_feet(contact, names) -> list[str]:
-    words = [SIDES.get(n, n.replace("_", " ")) for n in names]
+    words = [_word(n) for n in names]
     down = [w for w, x in zip(words, contact, strict=True) if x > HIGH]
     up = [w for w, x in zip(words, contact, strict=True) if x < LOW]
     if len(names) == 1:
@@ -174,7 +179,7 @@ def metric_prompts(names) -> list[dict]:
         if len(set(pattern)) == 1:
             paraphrase = PARAPHRASES[pattern[0]]
         else:
-            down = SIDES.get(names[pattern.index("down")], names[pattern.index("down")])
+            down = _word(names[pattern.index("down")])
             paraphrase = PARAPHRASES["one"].format(down=down)
         region = {
             "low": [REGIONS[level][0] for level in pattern],

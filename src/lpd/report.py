@@ -189,14 +189,14 @@ def text_summary(prompts: list[dict], samples: int, by_text, by_descriptor, orig
                 ),
             }
         )
-    mean = lambda key, sel=lambda r: True: float(
-        np.mean([r[key] for r in rows if sel(r)])
-    )
+    mean = lambda key, subset=rows: float(np.mean([r[key] for r in subset]))
+    phrases = [r for r in rows if not r["paraphrase"]]
+    paraphrases = [r for r in rows if r["paraphrase"]]
     return {
         "samples_per_prompt": samples,
         "in_region": mean("in_region"),
-        "in_region_label_phrases": mean("in_region", lambda r: not r["paraphrase"]),
-        "in_region_paraphrases": mean("in_region", lambda r: r["paraphrase"]),
+        "in_region_label_phrases": mean("in_region", phrases),
+        "in_region_paraphrases": mean("in_region", paraphrases),
         "mean_return": mean("mean_return"),
         "descriptor_in_region": mean("descriptor_in_region"),
         "archive_in_region": mean("archive_in_region"),
