@@ -15,7 +15,7 @@ import common  # First: gives XLA one host device per core before jax starts.
 import jax
 import jax.numpy as jnp
 
-from lpd import archive, codec_stage, codec_train
+from lpd import archive, codec_stage, codec_train, training
 from lpd import codec as codec_lib
 
 
@@ -41,7 +41,7 @@ def bench_codec(config, num_policies=1024):
     obs = jnp.zeros((num_policies, c.obs_per_policy, meta["policy"]["obs_size"]))
     acts = jnp.zeros((num_policies, c.obs_per_policy, meta["policy"]["action_size"]))
     data = codec_train.CodecData(inputs, obs, acts)
-    optimizer = codec_train.make_optimizer(1e-3, 10, 1000, 0.0, 1.0)
+    optimizer = training.make_optimizer(1e-3, 10, 1000, 0.0, 1.0)
     results = {}
     for functional in (0.0, 1.0):
         weights = codec_train.LossWeights(1e-6, 0.01, 0.01, functional)

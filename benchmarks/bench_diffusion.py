@@ -14,13 +14,13 @@ import common  # First: gives XLA one host device per core before jax starts.
 import jax
 import jax.numpy as jnp
 
-from lpd import codec_train, diffusion, diffusion_stage
+from lpd import diffusion, diffusion_train, training
 
 
 def bench_diffusion(config, latent_dim=None, num_descriptors=2):
     c = config.diffusion
     latent_dim = latent_dim or config.codec.latent_dim
-    model = diffusion_stage.make_denoiser(c, latent_dim)
+    model = diffusion_train.make_denoiser(c, latent_dim)
     schedule = diffusion.cosine_schedule(c.num_timesteps)
     key = jax.random.key(0)
     params = model.init(
@@ -49,8 +49,8 @@ def bench_diffusion(config, latent_dim=None, num_descriptors=2):
 
     latents = jax.random.normal(key, (4096, latent_dim))
     descriptors = jax.random.uniform(key, (4096, num_descriptors))
-    optimizer = codec_train.make_optimizer(1e-3, 10, 1000, 0.0, 1.0)
-    chunk = diffusion_stage.make_train_chunk(
+    optimizer = training.make_optimizer(1e-3, 10, 1000, 0.0, 1.0)
+    chunk = diffusion_train.make_train_chunk(
         model, schedule, optimizer, c, c.log_period
     )
     state = [

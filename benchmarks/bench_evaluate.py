@@ -28,7 +28,15 @@ import common  # First: gives XLA one host device per core before jax starts.
 import jax
 import jax.numpy as jnp
 
-from lpd import archive, codec_stage, diffusion, diffusion_stage, evaluate_stage, qd
+from lpd import (
+    archive,
+    codec_stage,
+    diffusion,
+    diffusion_train,
+    evaluate_stage,
+    generator,
+    rollouts,
+)
 from lpd import codec as codec_lib
 from lpd import policy as policy_lib
 from lpd.config import load_config
@@ -44,7 +52,7 @@ def make_generator(config, meta):
     )
     codec = codec_stage.make_model(config.codec, meta["layout"])
     codec_params = codec.init(key_codec, {p: x[0] for p, x in flat.items()})
-    denoiser = diffusion_stage.make_denoiser(config.diffusion, config.codec.latent_dim)
+    denoiser = diffusion_train.make_denoiser(config.diffusion, config.codec.latent_dim)
     denoiser_params = denoiser.init(
         key_denoiser,
         jnp.zeros(config.codec.latent_dim),
@@ -52,7 +60,7 @@ def make_generator(config, meta):
         jnp.zeros(len(meta["descriptor_names"])),
         False,
     )
-    return diffusion_stage.Generator(
+    return generator.Generator(
         config=config,
         archive_meta=meta,
         denoiser=denoiser,
@@ -72,7 +80,7 @@ def bench_evaluate(config, num, repeats=2):
     gen = make_generator(config, meta)
     key = jax.random.key(0)
     params = policy_lib.init_policies(policy, env.observation_size, 1, key)
-    bytes_per_policy = qd.rollout_bytes_per_policy(
+    bytes_per_policy = rollouts.rollout_bytes_per_policy(
         env, policy, params, a.episode_length, c.episodes
     )
     batch = evaluate_stage.choose_batch_size(
@@ -83,7 +91,7 @@ def bench_evaluate(config, num, repeats=2):
     )
     params = policy_lib.init_policies(policy, env.observation_size, batch, key)
     eval_fn = jax.jit(
-        qd.make_episodes_eval_fn(env, policy, a.episode_length, c.episodes, batch)
+        rollouts.make_episodes_eval_fn(env, policy, a.episode_length, c.episodes, batch)
     )
     eval_s = common.best_time(lambda: eval_fn(params, key), repeats)
     num_envs = batch * c.episodes
@@ -104,7 +112,7 @@ def bench_evaluate(config, num, repeats=2):
         return states.reward
 
     raw_s = common.best_time(lambda: raw_rollout(key), repeats)
-    sample_fn = diffusion_stage.make_sample_fn(gen)
+    sample_fn = generator.make_sample_fn(gen)
     cond = jax.random.uniform(key, (batch, len(meta["descriptor_names"])))
     sample_s = common.best_time(lambda: sample_fn(cond, key, jnp.float32(1.0)), repeats)
     return {

@@ -99,3 +99,32 @@ def run_killed_after():
                 fn()
 
     return run
+
+
+def assert_one_line_error(code, err, fragment):
+    """The CLI's contract for bad input: exit 2, one line naming the problem."""
+    assert code == 2, err
+    assert err.startswith("lpd: error:") and "\n" not in err, err
+    assert fragment in err, err
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*argv) -> (exit status, stderr)`` of ``lpd`` run in this process."""
+    from lpd.cli import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        return code, capsys.readouterr().err.strip()
+
+    return run
+
+
+def tree_digest(directory) -> dict:
+    """``{relative path: bytes}`` of every file under ``directory``."""
+    directory = Path(directory)
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }

@@ -80,8 +80,8 @@ def test_export_import_round_trip(tiny_archive, tmp_path):
     with np.load(out, allow_pickle=False) as data:
         assert "params/Dense_0/kernel" in data.files
         assert json.loads(str(data["metadata"]))["env"] == "walker2d_uni"
-    imported, meta = archive_io.read_npz(out, archive.describe_env)
-    archive_io.save_archive(tmp_path / "w", imported, meta)
+    meta = archive.import_archive(out, tmp_path / "w")
+    assert meta["source"] == "imported from a.npz"
     reloaded, meta2 = archive_io.load_archive(tmp_path / "w")
     original, meta1 = archive_io.load_archive(tiny_archive)
     _assert_same_archive(reloaded, original)
@@ -141,8 +141,9 @@ def test_variants_run_and_fill_cells(tiny_config_path, tmp_path, overrides):
     assert rows[-1]["coverage"] >= rows[0]["coverage"] > 0
     assert meta["num_elites"] == int(np.sum(np.isfinite(data.fitnesses))) > 0
     if config.archive.normalise_obs:
-        std = np.asarray(data.params["params"]["obs_std"])[np.isfinite(data.fitnesses)]
-        assert std.shape[1] == meta["policy"]["obs_size"]
-        assert not np.allclose(std, 1.0)  # fitted from rollouts, not the default
+        filled = np.isfinite(data.fitnesses)
+        log_std = np.asarray(data.params["params"]["obs_log_std"])[filled]
+        assert log_std.shape[1] == meta["policy"]["obs_size"]
+        assert not np.allclose(log_std, 0.0)  # fitted from rollouts, not the default
     else:
         assert data.centroids.shape == (16, 1)

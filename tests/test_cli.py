@@ -161,8 +161,15 @@ def test_import_round_trip_and_refuses_existing_archive(capsys, exported, tmp_pa
     code, err = _run(
         capsys, "import-archive", "--npz", npz, "--workdir", str(tmp_path / "w")
     )
-    _assert_one_line_error(code, err, "already exists")
+    _assert_one_line_error(code, err, "already holds an archive")
     assert (tmp_path / "w" / "archive" / "meta.json").read_text() == meta
+
+
+def _first_elite(arrays, key, value):
+    """``arrays`` with ``value`` written into the first filled cell of ``key``."""
+    changed = np.array(arrays[key], dtype=np.float32)
+    changed[np.flatnonzero(np.isfinite(arrays["fitnesses"]))[0]] = value
+    return {**arrays, key: changed}
 
 
 def _metadata_with(arrays, **changes):
@@ -194,6 +201,23 @@ def _metadata_with(arrays, **changes):
         (lambda a: {**a, "metadata": np.asarray("{not json")}, "not JSON"),
         (lambda a: _metadata_with(a, env="cartpole_uni"), "unknown env"),
         (lambda a: {**a, "fitnesses": np.full_like(a["fitnesses"], np.nan)}, "NaN"),
+        (lambda a: _first_elite(a, "fitnesses", np.inf), "+inf"),
+        (lambda a: {**a, "fitnesses": a["fitnesses"].astype(str)}, "must hold numbers"),
+        (
+            lambda a: {**a, "fitnesses": np.full_like(a["fitnesses"], -np.inf)},
+            "every cell is empty",
+        ),
+        (lambda a: _first_elite(a, "descriptors", np.nan), "'descriptors'"),
+        (lambda a: _first_elite(a, "descriptors", 1.5), "lie in [0, 1]"),
+        (lambda a: _first_elite(a, "params/Dense_0/kernel", np.nan), "NaN or inf"),
+        (lambda a: _metadata_with(a, episode_length=-5), "episode_length"),
+        (lambda a: _metadata_with(a, episode_length="250"), "episode_length"),
+        (lambda a: _metadata_with(a, backend="bullet"), "unknown backend"),
+        (
+            lambda a: _metadata_with(a, policy={"hidden_sizes": [0]}),
+            "hidden_sizes",
+        ),
+        (lambda a: {}, "lacks keys"),
     ],
 )
 def test_import_rejects_bad_npz(capsys, exported, tmp_path, mutate, fragment):
@@ -203,3 +227,46 @@ def test_import_rejects_bad_npz(capsys, exported, tmp_path, mutate, fragment):
     )
     _assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "w" / "archive").exists()
+
+
+def test_import_refuses_a_file_that_is_not_an_npz(capsys, tmp_path):
+    fake = tmp_path / "notes.npz"
+    fake.write_text("just text, renamed")
+    code, err = _run(
+        capsys, "import-archive", "--npz", str(fake), "--workdir", str(tmp_path / "w")
+    )
+    _assert_one_line_error(code, err, "is not an npz file")
+    assert "pickle" not in err and not (tmp_path / "w" / "archive").exists()
+
+
+def test_import_reads_an_older_obs_std_normaliser(tmp_path):
+    from lpd import archive, archive_io
+
+    # An archive of the format before the log-scale normaliser.
+    meta = archive.describe_env(
+        {
+            "env": "hopper_uni",
+            "backend": "spring",
+            "episode_length": 20,
+            "policy": {"hidden_sizes": [4], "normalise_obs": True},
+        }
+    )
+    cells, rng = 3, np.random.default_rng(0)
+    arrays = {
+        p.replace("obs_log_std", "obs_std"): rng.uniform(0.5, 2.0, (cells, *s))
+        for p, s in meta["layout"].items()
+    }
+    arrays.update(
+        fitnesses=np.array([1.0, -np.inf, 2.0]),
+        descriptors=np.array([[0.1], [0.0], [0.9]]),
+        centroids=np.array([[0.1], [0.5], [0.9]]),
+        metadata=np.asarray(json.dumps(meta)),
+    )
+    np.savez(tmp_path / "old.npz", **arrays)
+    imported = archive.import_archive(tmp_path / "old.npz", tmp_path / "w")
+    data, _ = archive_io.load_archive(tmp_path / "w")
+    log_std = np.asarray(data.params["params"]["obs_log_std"])
+    np.testing.assert_allclose(
+        np.exp(log_std[[0, 2]]), arrays["params/obs_std"][[0, 2]], rtol=1e-6
+    )
+    assert imported["num_elites"] == 2 and np.all(log_std[1] == 0)

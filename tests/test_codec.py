@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lpd import codec as codec_lib
-from lpd import codec_train
+from lpd import codec_train, training
 from lpd import policy as policy_lib
 
 LAYOUTS = [
@@ -59,7 +59,7 @@ def test_decoder_size_grows_with_rows_plus_cols_not_their_product():
         layout = codec_lib.as_layout({"k": (n, n)})
         model = codec_lib.Codec(layout, 4, 4, 4, decoder_hidden=4, row_features=4)
         params = model.init(jax.random.key(0), {"k": jnp.zeros((n, n))})
-        return codec_lib.count_decoder_params(params)
+        return policy_lib.count_params(params["params"]["decoder"])
 
     # Rows (embeddings) and columns (output layer) each add 4 per unit.
     assert size(200) - size(100) == 100 * 4 + 100 * (4 + 1)
@@ -101,7 +101,7 @@ def test_tiny_archive_is_overfit(functional):
     data = codec_train.CodecData(inputs, obs, actions)
     layout = policy_lib.policy_layout(policy, 4)
     model = codec_lib.Codec(codec_lib.as_layout(layout), 8, 16, 64, 64, 32)
-    optimizer = codec_train.make_optimizer(3e-3, 20, 600, 0.0, 1.0)
+    optimizer = training.make_optimizer(3e-3, 20, 600, 0.0, 1.0)
     weights = codec_train.LossWeights(1e-6, 0.0, 0.0, functional)
     chunk = codec_train.make_train_chunk(model, policy, optimizer, weights, 300, 6)
     params = model.init(jax.random.key(0), jax.tree.map(lambda x: x[0], inputs))

@@ -155,7 +155,7 @@ def test_dropped_condition_uses_the_null_vector(trained_toy):
         return jnp.sum(model.apply(p, x, t, jnp.array([1.0]), True))
 
     grads = jax.grad(out_dropped)(params)
-    conditioner = grads["params"]["DescriptorConditioner_0"]
+    conditioner = grads["params"]["conditioner"]
     assert np.any(np.asarray(conditioner["null"]) != 0)
     assert np.all(np.asarray(conditioner["Dense_0"]["kernel"]) == 0)
 

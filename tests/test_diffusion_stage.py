@@ -134,10 +134,10 @@ def test_artifacts_load_with_another_device_count(tiny_diffusion):
     import sys
 
     code = (
-        "import jax, sys; from lpd import archive_io, diffusion_stage; "
+        "import jax, sys; from lpd import archive_io, generator; "
         "assert len(jax.devices()) == 1; "
         "archive_io.load_archive(sys.argv[1]); "
-        "diffusion_stage.load_generator(sys.argv[1])"
+        "generator.load_generator(sys.argv[1])"
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     done = subprocess.run(
@@ -147,3 +147,22 @@ def test_artifacts_load_with_another_device_count(tiny_diffusion):
         text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_checkpoints_from_before_the_conditioner_rename_load(tiny_diffusion, tmp_path):
+    # Denoisers saved while the conditioner was `DescriptorConditioner_0`.
+    import jax
+
+    from lpd import checkpoints, generator
+
+    work = tmp_path / "w"
+    for stage in ("archive", "codec", "diffusion"):
+        shutil.copytree(tiny_diffusion / stage, work / stage)
+    current = generator.load_generator(work).denoiser_params
+    inner = dict(current["params"])
+    inner[generator.LEGACY_CONDITIONER] = inner.pop("conditioner")
+    checkpoints.save_tree(work / "diffusion" / "model", {"ema": {"params": inner}})
+    loaded = generator.load_generator(work).denoiser_params
+    assert jax.tree.structure(loaded) == jax.tree.structure(current)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(current), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -118,3 +118,34 @@ def test_render_keeps_an_existing_file(tiny_run, tmp_path, capsys):
     )
     assert code == 2 and "already exists" in capsys.readouterr().err
     assert out.read_text() == "mine"
+
+
+def test_generate_program_compiles_once_over_batches(tiny_diffusion):
+    # Sample, decode, roll out, nearest elite: one compile serves every batch
+    # (the last one padded), and the guidance scale is an argument.
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from lpd import archive, archive_io, evaluate_stage, evaluation, generator, rollouts
+
+    gen = generator.load_generator(tiny_diffusion)
+    data, meta = archive_io.load_archive(tiny_diffusion)
+    cells, flat = archive_io.elites(data)
+    env, policy = archive.make_task(meta)
+    eval_fn = rollouts.make_episodes_eval_fn(env, policy, meta["episode_length"], 1, 4)
+    generate = evaluate_stage.make_generate_fn(gen, eval_fn)
+    elites = evaluation.flat_vectors({p: jnp.asarray(x) for p, x in flat.items()})
+    asks = np.asarray(data.descriptors)[cells][:10]
+    assert len(asks) > 8  # Three batches of four.
+    for guidance in (0.0, 2.0):
+        returns, achieved, _, nearest = evaluation.map_in_batches(
+            functools.partial(generate, guidance=jnp.float32(guidance), elites=elites),
+            asks,
+            4,
+            jax.random.key(0),
+        )
+        assert returns.shape == (len(asks),) and achieved.shape == asks.shape
+        assert np.all((nearest >= 0) & (nearest < len(cells)))
+    assert generate._cache_size() == 1

@@ -71,10 +71,16 @@ def test_label_file_round_trip_and_errors(tmp_path):
     labels.write_labels(path, cells, texts)
     assert labels.read_labels(path, cells) == texts
     with pytest.raises(LpdError, match="no text for 1 elites"):
-        labels.read_labels(path, np.array([3, 7, 99]))
+        labels.read_labels(path, np.append(cells, 99))
+    with pytest.raises(LpdError, match=r"hold no elite \(\[12, 20\]\)"):
+        labels.read_labels(path, cells[:3])
     (tmp_path / "bad.json").write_text(json.dumps({"labels": [{"cell": 3}]}))
     with pytest.raises(LpdError, match="cannot read labels"):
         labels.read_labels(tmp_path / "bad.json", cells)
+    twice = {"labels": [{"cell": 3, "texts": ["a"]}, {"cell": 3, "texts": ["b"]}]}
+    (tmp_path / "twice.json").write_text(json.dumps(twice))
+    with pytest.raises(LpdError, match=r"names cells \[3\] more than once"):
+        labels.read_labels(tmp_path / "twice.json", np.array([3]))
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from lpd import policy as policy_lib
                 "params/Dense_2/kernel": (6, 2),
                 "params/Dense_2/bias": (2,),
                 "params/obs_mean": (3,),
-                "params/obs_std": (3,),
+                "params/obs_log_std": (3,),
             },
         ),
     ],
@@ -38,7 +38,8 @@ from lpd import policy as policy_lib
 def test_layout_and_count(hidden, normalise, expected):
     layout = policy_lib.policy_layout(policy_lib.Policy(hidden, 2, normalise), 3)
     assert layout == dict(sorted(expected.items()))
-    assert policy_lib.count_params(layout) == sum(
+    template = policy_lib.layout_template(layout, (7,))
+    assert policy_lib.count_params(template) == 7 * sum(
         int(np.prod(s)) for s in expected.values()
     )
 
@@ -55,7 +56,7 @@ def test_flatten_round_trip_and_batched_init():
     assert not np.allclose(kernels[0], kernels[1])
 
 
-def test_normaliser_applies_mean_and_floored_std():
+def test_normaliser_applies_mean_and_any_log_std_is_valid():
     policy = policy_lib.Policy((4,), 2, True)
     params = policy.init(jax.random.key(0), jnp.zeros(3))
     obs = jnp.array([1.0, 2.0, 3.0])
@@ -63,9 +64,17 @@ def test_normaliser_applies_mean_and_floored_std():
     shifted["params"]["obs_mean"] = obs
     zero_obs = policy.apply(params, jnp.zeros(3))
     np.testing.assert_allclose(policy.apply(shifted, obs), zero_obs, rtol=1e-6)
-    tiny = jax.tree.map(lambda x: x, params)
-    tiny["params"]["obs_std"] = jnp.zeros(3)  # floored, so no inf or NaN
-    assert np.all(np.isfinite(policy.apply(tiny, obs)))
+    # The scale is exp(log_std): every value, however mutated, is a valid
+    # (positive) scale, and a tiny one is floored, so no inf or NaN.
+    for log_std in (-40.0, -3.0, 5.0):
+        varied = jax.tree.map(lambda x: x, params)
+        varied["params"]["obs_log_std"] = jnp.full(3, log_std)
+        assert np.all(np.isfinite(policy.apply(varied, obs)))
+    scaled = jax.tree.map(lambda x: x, params)
+    scaled["params"]["obs_log_std"] = jnp.full(3, np.log(2.0))
+    np.testing.assert_allclose(
+        policy.apply(scaled, 2.0 * obs), policy.apply(params, obs), rtol=1e-5
+    )
     actions = policy.apply(params, 100.0 * obs)
     assert np.all(np.abs(actions) <= 1.0)
 
@@ -75,5 +84,5 @@ def test_normaliser_gets_no_gradient():
     params = policy.init(jax.random.key(0), jnp.zeros(3))
     grads = jax.grad(lambda p: jnp.sum(policy.apply(p, jnp.ones(3))))(params)
     assert np.all(grads["params"]["obs_mean"] == 0)
-    assert np.all(grads["params"]["obs_std"] == 0)
+    assert np.all(grads["params"]["obs_log_std"] == 0)
     assert np.any(grads["params"]["Dense_0"]["kernel"] != 0)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpd import archive, archive_io, render, sequence
+from lpd import archive, archive_io, rollouts, sequence
 from lpd import policy as policy_lib
 from lpd.cli import main
 
@@ -44,7 +44,7 @@ def test_rollout_swaps_policies_at_chunk_boundaries(tiny_archive):
         for p, shape in layout.items()
     }
     chunks = sequence.chunk_index(env.episode_length, 3)
-    out = render.rollout(
+    out = rollouts.rollout(
         env, policy, policy_lib.unflatten_params(flat), chunks, jax.random.key(0)
     )
     expected = np.tanh(np.asarray(biases))[chunks]

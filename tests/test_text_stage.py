@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpd import archive, archive_io, diffusion_stage, labels, qd
+from lpd import archive, archive_io, generator, labels, rollouts
 from lpd import policy as policy_lib
 from lpd.cli import main
 
@@ -51,9 +51,9 @@ def test_report_has_the_text_metric(tiny_run):
 
 
 def test_text_conditioned_sampling_shapes(tiny_run):
-    gen = diffusion_stage.load_generator(tiny_run, text=True)
-    sample = diffusion_stage.make_sample_fn(gen)
-    cond = jax.random.normal(jax.random.key(1), (3, diffusion_stage.TEXT_DIM))
+    gen = generator.load_generator(tiny_run, text=True)
+    sample = generator.make_sample_fn(gen)
+    cond = jax.random.normal(jax.random.key(1), (3, generator.TEXT_DIM))
     flat = sample(cond, jax.random.key(0), jnp.float32(1.0))
     layout = gen.archive_meta["layout"]
     assert {p: x.shape for p, x in flat.items()} == {
@@ -134,7 +134,7 @@ def test_episode_fraction_is_an_extra_output(tiny_archive):
     env, policy = archive.make_task(meta)
     params = policy_lib.unflatten_params({p: x[:4] for p, x in flat.items()})
     make = lambda **kw: jax.jit(
-        qd.make_episodes_eval_fn(env, policy, meta["episode_length"], 2, 4, **kw)
+        rollouts.make_episodes_eval_fn(env, policy, meta["episode_length"], 2, 4, **kw)
     )
     key = jax.random.key(3)
     returns, descriptors = make()(params, key)
@@ -161,6 +161,6 @@ def test_interrupted_text_stage_resumes_to_the_same_model(
         assert (workdir / "text" / name).read_text() == (
             tiny_run / "text" / name
         ).read_text(), name
-    resumed = diffusion_stage.load_generator(workdir, text=True).denoiser_params
-    whole = diffusion_stage.load_generator(tiny_run, text=True).denoiser_params
+    resumed = generator.load_generator(workdir, text=True).denoiser_params
+    whole = generator.load_generator(tiny_run, text=True).denoiser_params
     jax.tree.map(np.testing.assert_array_equal, resumed, whole)

@@ -123,7 +123,7 @@ def get_text_config() -> ml_collections.ConfigDict:
 
 
 def get_evaluate_config() -> ml_collections.ConfigDict:
-    """Evaluation settings (the protocol of shared/method.md, section 5)."""
+    """Evaluation settings (the protocol: README, "The evaluation stage")."""
     return ml_collections.ConfigDict(
         dict(
             episodes=8,  # random-reset episodes per policy (the paper: 50)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import time
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -23,12 +23,19 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from lpd import archive_io, checkpoints, plots, qd
+from lpd import archive_io, checkpoints, plots, qd, rollouts
 from lpd import policy as policy_lib
-from lpd.config import config_to_dict, stage_complete
+from lpd.config import config_to_dict
 from lpd.devices import batch_sharding
 from lpd.errors import LpdError
-from lpd.logs import MetricsWriter, write_json_atomic
+from lpd.logs import MetricsWriter
+from lpd.workdir import (
+    StageClock,
+    archive_dir,
+    atomic_path,
+    stage_complete,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +118,10 @@ def make_search_fns(spec: SearchSpec) -> SearchFns:
         key_stats, key_init = jax.random.split(key)
         if spec.normalise_obs:
             _, _, extra = scoring_fn(genotypes, key_stats)
-            mean, std = qd.observation_stats(extra["transitions"])
+            mean, log_std = rollouts.observation_stats(extra["transitions"])
             inner = dict(genotypes["params"])
             inner["obs_mean"] = jnp.broadcast_to(mean, inner["obs_mean"].shape)
-            inner["obs_std"] = jnp.broadcast_to(std, inner["obs_std"].shape)
+            inner["obs_log_std"] = jnp.broadcast_to(log_std, inner["obs_log_std"].shape)
             genotypes = {**genotypes, "params": inner}
         return map_elites.init(genotypes, centroids, key_init)
 
@@ -183,14 +190,26 @@ def describe_env(meta: dict) -> dict:
             "normalise_obs": normalise,
             "obs_size": int(env.observation_size),
             "action_size": int(env.action_size),
-            "params_per_policy": policy_lib.count_params(layout),
+            "params_per_policy": policy_lib.count_params(
+                policy_lib.layout_template(layout)
+            ),
         },
         "layout": {path: list(shape) for path, shape in layout.items()},
     }
 
 
-def _validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> None:
+    """One-line errors for a ``config.archive`` that cannot run (checked before
+    anything is written)."""
     c = config.archive
+    for field, value, choices in (
+        ("env", c.env, sorted(qd.ENVS)),
+        ("backend", c.backend, list(qd.BACKENDS)),
+        ("emitter", c.emitter, list(qd.EMITTERS)),
+        ("tessellation", c.tessellation, ["grid", "cvt"]),
+    ):
+        if value not in choices:
+            raise LpdError(f"unknown {field} {value!r}; choose one of {choices}")
     if c.num_iterations <= 0 or c.log_period <= 0:
         raise LpdError("archive.num_iterations and archive.log_period must be > 0")
     if c.num_iterations % c.log_period:
@@ -200,21 +219,51 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         )
     if c.batch_size <= 0 or c.episode_length <= 0:
         raise LpdError("archive.batch_size and archive.episode_length must be > 0")
+    if not c.policy_hidden_sizes or any(h <= 0 for h in c.policy_hidden_sizes):
+        raise LpdError(
+            "archive.policy_hidden_sizes must list positive layer widths, got "
+            f"{tuple(c.policy_hidden_sizes)}"
+        )
+    if c.iso_sigma < 0 or c.line_sigma < 0:
+        raise LpdError("archive.iso_sigma and archive.line_sigma must be >= 0")
+    if c.tessellation == "grid" and any(n <= 0 for n in c.grid_shape):
+        raise LpdError(
+            f"archive.grid_shape must be positive cell counts, got "
+            f"{tuple(c.grid_shape)}"
+        )
+    if c.tessellation == "cvt" and c.num_cvt_cells <= 0:
+        raise LpdError(f"archive.num_cvt_cells must be > 0, got {c.num_cvt_cells}")
+
+
+def _imported(directory: Path) -> bool:
+    """Whether ``directory`` holds a complete archive this stage did not make
+    (``lpd import-archive`` writes no ``config.json``)."""
+    return (directory / "meta.json").exists() and not (
+        directory / "config.json"
+    ).exists()
 
 
 def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     """Runs (or resumes, or skips when complete) the archive stage.
 
+    An imported archive is used as it is, whatever ``config.archive`` says.
+
     Returns:
         ``<workdir>/archive``.
     """
-    started = time.monotonic()
-    directory = archive_io.archive_dir(workdir)
+    directory = archive_dir(workdir)
+    if _imported(directory):
+        source = archive_io.load_meta(workdir).get("source", "imported")
+        log.info(
+            "archive: using %s (%s); config.archive is not used", directory, source
+        )
+        return directory
     config_dict = config_to_dict(config)
     if stage_complete(directory, config_dict, "archive"):
         log.info("archive: complete in %s, skipping", directory)
         return directory
-    _validate(config)
+    clock = StageClock(directory)
+    validate(config)
     c = config.archive
     spec = spec_from_config(config)
     fns = make_search_fns(spec)  # Checks env, backend, emitter names.
@@ -226,7 +275,7 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         c.tessellation, tuple(c.grid_shape), c.num_cvt_cells, num_dims, key_cells
     )
     directory.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(directory / "config.json", config_dict)
+    write_json(directory / "config.json", config_dict)
 
     repertoire, emitter_state, start = _start_or_resume(
         fns, spec, meta, centroids, (key_policies, key_init), directory
@@ -248,12 +297,40 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         num_elites=int(jnp.sum(archive.filled)),
         grid_shape=list(c.grid_shape) if c.tessellation == "grid" else None,
         iterations=c.num_iterations,
-        wall_time_s=round(time.monotonic() - started, 1),
+        wall_time_s=clock.total(),
         versions=archive_io.package_versions(),
         config=config_dict,
     )
-    archive_io.save_archive(workdir, archive, meta, plots.plot_archive_heatmap)
+    archive_io.save_archive(directory, archive, meta, plots.plot_archive_heatmap)
     return directory
+
+
+# What an import interrupted before imports were atomic could leave behind.
+_IMPORT_LEFTOVERS = {"repertoire", "heatmap.png", "meta.json.tmp"}
+
+
+def import_archive(npz, workdir) -> dict:
+    """``lpd import-archive``: validates ``npz`` and writes ``<workdir>/archive``
+    whole or not at all (built beside it, then renamed). Returns its meta."""
+    target = archive_dir(workdir)
+    if target.exists():
+        names = {p.name for p in target.iterdir()}
+        if "meta.json" in names:
+            raise LpdError(
+                f"{target} already holds an archive; import into another --workdir"
+            )
+        if not names <= _IMPORT_LEFTOVERS:
+            raise LpdError(
+                f"{target} holds an unfinished archive search; finish it with "
+                "`lpd archive` or import into another --workdir"
+            )
+    archive, meta = archive_io.read_npz(npz, describe_env)
+    if target.exists():  # An interrupted import's leftovers: replaced.
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        archive_io.save_archive(tmp, archive, meta, plots.plot_archive_heatmap)
+    return meta
 
 
 def _start_or_resume(fns, spec, meta, centroids, keys, directory):
@@ -285,6 +362,7 @@ def _search(fns, state, start, c, key, directory):
     """Runs chunks from iteration ``start`` to the end; returns the repertoire."""
     repertoire, emitter_state = state
     writer = MetricsWriter(directory, resume_step=start)
+    clock = StageClock(directory)
     bar = tqdm(total=c.num_iterations, initial=start, desc="archive", unit="it")
     try:
         with checkpoints.checkpoint_manager(directory) as manager:
@@ -295,6 +373,7 @@ def _search(fns, state, start, c, key, directory):
                 end = chunk_start + c.log_period
                 state = {"repertoire": repertoire, "emitter_state": emitter_state}
                 checkpoints.save(manager, end, state)
+                clock.save()
                 metrics = jax.device_get(metrics)
                 if not np.isfinite(metrics["qd_score"]).all():
                     raise LpdError(

@@ -26,8 +26,9 @@ import numpy as np
 
 from lpd import checkpoints
 from lpd import policy as policy_lib
+from lpd import workdir as workdir_lib
 from lpd.errors import LpdError
-from lpd.logs import write_json_atomic
+from lpd.workdir import archive_dir, atomic_path, write_json
 
 FORMAT = "lpd-archive/1"
 PACKAGES = ("lpd", "jax", "jaxlib", "flax", "optax", "brax", "qdax", "orbax-checkpoint")
@@ -74,18 +75,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def archive_dir(workdir: str | os.PathLike) -> Path:
-    return Path(workdir) / "archive"
-
-
 def _template(meta: dict) -> Archive:
     """Shapes and dtypes of the archive described by ``meta``."""
     cells, dims = meta["num_cells"], len(meta["descriptor_names"])
     f32 = np.float32
-    flat = {
-        path: jax.ShapeDtypeStruct((cells, *shape), f32)
-        for path, shape in meta["layout"].items()
-    }
+    flat = policy_lib.layout_template(meta["layout"], (cells,))
     return Archive(
         params=policy_lib.unflatten_params(flat),
         fitnesses=jax.ShapeDtypeStruct((cells,), f32),
@@ -94,14 +88,15 @@ def _template(meta: dict) -> Archive:
     )
 
 
-def save_archive(workdir, archive: Archive, meta: dict, plot_fn=None) -> None:
-    """Writes the archive, optionally its plot, and ``meta.json`` last."""
-    directory = archive_dir(workdir)
+def save_archive(directory, archive: Archive, meta: dict, plot_fn=None) -> None:
+    """Writes the archive into ``directory``, optionally its plot, and
+    ``meta.json`` last."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     checkpoints.save_tree(directory / "repertoire", archive)
     if plot_fn is not None:
         plot_fn(archive, meta, directory / "heatmap.png")
-    write_json_atomic(directory / "meta.json", meta)
+    write_json(directory / "meta.json", meta)
 
 
 def load_meta(workdir) -> dict:
@@ -112,9 +107,15 @@ def load_meta(workdir) -> dict:
             "(or `lpd import-archive`) with this --workdir first"
         )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LpdError(f"{path} is corrupt ({e}); delete the archive dir") from e
+    if "params/obs_std" in meta.get("layout", {}):
+        raise LpdError(
+            f"{archive_dir(workdir)} was written by an older lpd (normaliser as "
+            "obs_std); export it with that version and import it into a new --workdir"
+        )
+    return meta
 
 
 def load_archive(workdir) -> tuple[Archive, dict]:
@@ -126,11 +127,7 @@ def load_archive(workdir) -> tuple[Archive, dict]:
 
 def export_npz(workdir, out: str | os.PathLike) -> Path:
     """Writes the archive of ``workdir`` as an npz (see the README's schema)."""
-    out = Path(out)
-    if out.suffix != ".npz":
-        raise LpdError(f"--out must end in .npz, got {out}")
-    if out.exists():
-        raise LpdError(f"{out} already exists; choose another --out or delete it")
+    out = workdir_lib.check_out(out, ".npz")
     archive, meta = load_archive(workdir)
     arrays = {
         path: np.asarray(leaf)
@@ -143,33 +140,63 @@ def export_npz(workdir, out: str | os.PathLike) -> Path:
         metadata=np.asarray(json.dumps(meta)),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("wb") as f:
+    with atomic_path(out) as tmp, tmp.open("wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, out)
     return out
 
 
 REQUIRED_METADATA = ("env", "backend", "episode_length", "policy")
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # An npz is a zip archive.
+
+
+def _load_arrays(path: Path) -> dict:
+    if not path.is_file():
+        raise LpdError(f"npz file not found: {path}")
+    with path.open("rb") as f:
+        if f.read(4) not in ZIP_MAGIC:
+            raise LpdError(f"{path} is not an npz file (numpy.savez writes one)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as e:  # A damaged zip fails in many ways.
+        raise LpdError(f"{path} is not a readable npz ({e})") from e
+
+
+def _check_metadata(given, path: Path) -> None:
+    """One-line errors for metadata that cannot describe an archive."""
+    if not isinstance(given, dict):
+        raise LpdError(f"{path}: 'metadata' must be a JSON object")
+    absent = [k for k in REQUIRED_METADATA if k not in given]
+    if absent:
+        raise LpdError(f"{path}: metadata lacks {absent}; see the README schema")
+    length = given["episode_length"]
+    if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+        raise LpdError(f"{path}: metadata episode_length must be > 0, got {length!r}")
+    policy = given["policy"]
+    hidden = policy.get("hidden_sizes") if isinstance(policy, dict) else None
+    if (
+        not isinstance(hidden, list)
+        or not hidden
+        or not all(isinstance(h, int) and h > 0 for h in hidden)
+        or not isinstance(policy.get("normalise_obs", False), bool)
+    ):
+        raise LpdError(
+            f"{path}: metadata policy must be {{'hidden_sizes': [positive ints], "
+            f"'normalise_obs': bool}}, got {policy!r}"
+        )
 
 
 def read_npz(path: str | os.PathLike, describe_env) -> tuple[Archive, dict]:
-    """Reads and validates an archive npz.
+    """Reads and validates an archive npz (keys, shapes, dtypes, values).
 
     Args:
         path: the npz file.
         describe_env: ``describe_env(meta) -> meta`` fills in what the env
             determines (sizes, descriptor names and bounds, layout, offset),
-            raising ``LpdError`` for an unknown env.
+            raising ``LpdError`` for an unknown env or backend.
     """
     path = Path(path)
-    if not path.is_file():
-        raise LpdError(f"npz file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as e:
-        raise LpdError(f"{path} is not a readable npz ({e})") from e
+    arrays = _load_arrays(path)
     missing = {"fitnesses", "descriptors", "centroids", "metadata"} - set(arrays)
     if missing:
         raise LpdError(f"{path} lacks keys {sorted(missing)}; see the README schema")
@@ -177,9 +204,7 @@ def read_npz(path: str | os.PathLike, describe_env) -> tuple[Archive, dict]:
         given = json.loads(str(arrays.pop("metadata")))
     except json.JSONDecodeError as e:
         raise LpdError(f"{path}: 'metadata' is not JSON ({e})") from e
-    absent = [k for k in REQUIRED_METADATA if k not in given]
-    if absent:
-        raise LpdError(f"{path}: metadata lacks {absent}; see the README schema")
+    _check_metadata(given, path)
     meta = describe_env(given)
     archive = _archive_from_arrays(arrays, meta, path)
     meta.update(
@@ -195,11 +220,53 @@ def read_npz(path: str | os.PathLike, describe_env) -> tuple[Archive, dict]:
     return archive, meta
 
 
+def _legacy_normaliser(arrays: dict) -> dict:
+    """``params/obs_std`` (the format before the log-scale normaliser) as
+    ``params/obs_log_std``."""
+    if "params/obs_std" not in arrays or "params/obs_log_std" in arrays:
+        return arrays
+    arrays = dict(arrays)
+    std = np.asarray(arrays.pop("params/obs_std"), np.float64)
+    arrays["params/obs_log_std"] = np.log(np.maximum(std, policy_lib.MIN_OBS_STD))
+    return arrays
+
+
+def _check_values(fitnesses, descriptors, centroids, params, path) -> None:
+    """Refuses values no archive holds: NaN or +inf returns, no elite,
+    non-finite or out-of-range descriptors, non-finite weights or centroids."""
+    if np.isnan(fitnesses).any() or np.isposinf(fitnesses).any():
+        raise LpdError(
+            f"{path}: 'fitnesses' holds NaN or +inf; give finite returns and "
+            "mark empty cells with -inf"
+        )
+    filled = np.isfinite(fitnesses)
+    if not filled.any():
+        raise LpdError(f"{path}: every cell is empty (all fitnesses -inf)")
+    d = descriptors[filled]
+    if not np.isfinite(d).all() or d.min() < 0.0 or d.max() > 1.0:
+        raise LpdError(
+            f"{path}: the elites' 'descriptors' must be finite and lie in [0, 1] "
+            "(feet-contact fractions)"
+        )
+    if not np.isfinite(centroids).all():
+        raise LpdError(f"{path}: 'centroids' must be finite")
+    for name, x in params.items():
+        if not np.isfinite(x[filled]).all():
+            raise LpdError(f"{path}: {name!r} holds NaN or inf in a filled cell")
+
+
 def _archive_from_arrays(arrays: dict, meta: dict, path: Path) -> Archive:
-    """Checks every key and shape against ``meta`` and builds the archive."""
+    """Checks every key, shape, dtype and value against ``meta``; builds the
+    archive (empty cells' weights zeroed)."""
+    arrays = _legacy_normaliser(arrays)
+    for name, x in arrays.items():
+        if x.dtype.kind not in "iuf":
+            raise LpdError(f"{path}: {name!r} must hold numbers, not {x.dtype}")
     fitnesses = arrays.pop("fitnesses").astype(np.float32)
     descriptors = arrays.pop("descriptors").astype(np.float32)
     centroids = arrays.pop("centroids").astype(np.float32)
+    if fitnesses.ndim != 1:
+        raise LpdError(f"{path}: 'fitnesses' has shape {fitnesses.shape}, expected [C]")
     cells, dims = fitnesses.shape[0], len(meta["descriptor_names"])
     expected = {
         "fitnesses": ((cells,), fitnesses.shape),
@@ -217,12 +284,15 @@ def _archive_from_arrays(arrays: dict, meta: dict, path: Path) -> Archive:
     for name, (want, got) in expected.items():
         if tuple(want) != tuple(got):
             raise LpdError(f"{path}: {name!r} has shape {got}, expected {want}")
-    if np.isnan(fitnesses).any():
-        raise LpdError(f"{path}: 'fitnesses' holds NaN; mark empty cells with -inf")
-    params = {k: v.astype(np.float32) for k, v in arrays.items()}
+    _check_values(fitnesses, descriptors, centroids, arrays, path)
+    filled = np.isfinite(fitnesses)
+    params = {
+        k: np.where(filled.reshape(-1, *[1] * (v.ndim - 1)), v, 0).astype(np.float32)
+        for k, v in arrays.items()
+    }
     return Archive(
         params=policy_lib.unflatten_params(params),
         fitnesses=fitnesses,
-        descriptors=descriptors,
+        descriptors=np.where(filled[:, None], descriptors, 0).astype(np.float32),
         centroids=centroids,
     )

@@ -84,6 +84,16 @@ def save_tree(path: Path, tree) -> None:
         checkpointer.save(path, tree)
 
 
+def stored_structure(path: Path) -> dict:
+    """The nested keys (array metadata at the leaves) of a pytree written by
+    :func:`save_tree`; empty when ``path`` cannot be read."""
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.metadata(path.absolute()).item_metadata.tree
+    except Exception:  # Unreadable: load_tree names the problem.
+        return {}
+
+
 def load_tree(path: Path, template, what: str):
     """Reads a pytree written by :func:`save_tree` against ``template``."""
     try:

@@ -1,4 +1,4 @@
-"""The ``lpd`` command: one subcommand per pipeline stage.
+"""The ``lpd`` command: one subcommand per pipeline stage, and the tools.
 
     lpd <stage> --config <file>[:<arg>] --workdir <dir> [--config.x.y=v ...]
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from lpd.errors import LpdError
@@ -44,27 +45,18 @@ def set_host_devices() -> None:
         )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lpd",
-        usage=USAGE,
-        description="lpd: latent policy diffusion, one subcommand per stage.",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="<command>")
-    for name, help_text in STAGES.items():
-        stage = commands.add_parser(
-            name,
-            help=help_text,
-            description=f"{help_text}; resumes when interrupted, skips when "
-            "complete; --config.a.b=v overrides a config field.",
-        )
-        stage.add_argument("--config", required=True, help="config file, path.py[:arg]")
-        stage.add_argument("--workdir", required=True, help="directory of the run")
+def _add_tools(commands) -> None:
+    """The subcommands that work on a trained workdir."""
     export = commands.add_parser(
         "export-archive", help="write the archive of a workdir as a documented .npz"
     )
     export.add_argument("--workdir", required=True)
     export.add_argument("--out", required=True, help="path of the .npz to write")
+    imp = commands.add_parser(
+        "import-archive", help="make <workdir>/archive from an archive .npz"
+    )
+    imp.add_argument("--npz", required=True, help="archive .npz (README schema)")
+    imp.add_argument("--workdir", required=True)
     sample = commands.add_parser(
         "sample", help="generate policies for descriptors and write them to an .npz"
     )
@@ -83,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--steps", type=int, help="DDIM steps (default: config.diffusion.sample_steps)"
     )
-    sample.add_argument("--eta", type=float, default=0.0)
+    sample.add_argument("--eta", type=float, help="default: config.diffusion.eta")
     sample.add_argument("--sampler", default="ddim", help="ddim or ddpm")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", required=True, help="path of the .npz to write")
@@ -109,12 +101,160 @@ def _parser() -> argparse.ArgumentParser:
     seq.add_argument("--guidance", type=float, help="default: the sweep's pick")
     seq.add_argument("--seed", type=int, default=0)
     seq.add_argument("--out", required=True, help="directory to write (must not exist)")
-    imp = commands.add_parser(
-        "import-archive", help="make <workdir>/archive from an archive .npz"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lpd",
+        usage=USAGE,
+        description="lpd: latent policy diffusion, one subcommand per stage.",
     )
-    imp.add_argument("--npz", required=True, help="archive .npz (README schema)")
-    imp.add_argument("--workdir", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, help_text in STAGES.items():
+        stage = commands.add_parser(
+            name,
+            help=help_text,
+            description=f"{help_text}; resumes when interrupted, skips when "
+            "complete; --config.a.b=v overrides a config field.",
+        )
+        stage.add_argument("--config", required=True, help="config file, path.py[:arg]")
+        stage.add_argument("--workdir", required=True, help="directory of the run")
+    _add_tools(commands)
     return parser
+
+
+def _stages(args, overrides: list[str]) -> None:
+    """``lpd <stage>`` and ``lpd run``: checks the config, locks the workdir."""
+    from lpd import pipeline, workdir
+    from lpd.config import load_config
+
+    workdir.check_workdir(args.workdir)
+    config = load_config(args.config, overrides)
+    names = list(pipeline.STAGES) if args.command == "run" else [args.command]
+    pipeline.validate(config, names)
+    with workdir.lock(args.workdir):
+        for name in names:
+            directory = pipeline.STAGES[name](config, args.workdir)
+            print(f"{name}: written to {directory}")
+
+
+def _sample(args) -> None:
+    from lpd import archive_io, generator, text_stage
+    from lpd.config import check_seed
+
+    check_seed(args.seed)
+    meta = archive_io.load_meta(args.workdir)
+    texts = None
+    if args.text is not None:
+        if args.descriptor is not None or args.descriptors_file is not None:
+            raise LpdError("give --text or a descriptor, not both")
+        texts = [args.text.strip()]
+        conditions = text_stage.encode_prompts(texts, "--text")
+    else:
+        conditions = generator.parse_descriptors(
+            args.descriptor, args.descriptors_file, meta
+        )
+    options = {
+        "guidance": args.guidance,
+        "steps": args.steps,
+        "eta": args.eta,
+        "sampler": args.sampler,
+        "seed": args.seed,
+    }
+    out, num = generator.sample_to_npz(
+        args.workdir, conditions, args.num, options, args.out, texts
+    )
+    print(f"sample: wrote {num} policies to {out}")
+
+
+def _render(args) -> None:
+    from lpd import render
+    from lpd.config import check_seed
+    from lpd.workdir import check_out
+
+    check_seed(args.seed)
+    check_out(args.out, ".html")
+    flat, what = _policy_to_render(args)
+    result = render.render_to_html(args.workdir, flat, args.seed, args.out)
+    print(
+        f"render: {what}: {result['steps']} steps, return {result['return']:.1f}, "
+        f"foot contact {result['descriptor']} -> {args.out}"
+    )
+
+
+def _policy_to_render(args) -> tuple[dict, str]:
+    """The policy ``lpd render`` asks for: a generated one or an archive elite."""
+    import jax
+    import jax.numpy as jnp
+
+    from lpd import archive_io, generator
+
+    if (args.descriptor is None) == (args.elite is None):
+        raise LpdError("give exactly one of --descriptor and --elite")
+    if args.elite is not None:
+        archive, _ = archive_io.load_archive(args.workdir)
+        idx, flat = archive_io.elites(archive)
+        if not 0 <= args.elite < len(idx):
+            raise LpdError(f"--elite must lie in [0, {len(idx) - 1}]")
+        asked = [round(float(v), 3) for v in archive.descriptors[idx[args.elite]]]
+        return {
+            p: x[args.elite] for p, x in flat.items()
+        }, f"elite {args.elite} {asked}"
+    meta = archive_io.load_meta(args.workdir)
+    cond = generator.parse_descriptors(args.descriptor, None, meta)
+    guidance = generator.picked_guidance(args.workdir, args.guidance)
+    gen = generator.load_generator(args.workdir)
+    sample_fn = generator.make_sample_fn(gen)
+    flat = sample_fn(jnp.asarray(cond), jax.random.key(args.seed), guidance)
+    return {p: x[0] for p, x in flat.items()}, f"generated for {args.descriptor}"
+
+
+def _sequence(args) -> None:
+    from lpd import archive_io, sequence
+    from lpd.config import check_seed
+
+    check_seed(args.seed)
+    if (args.descriptors is None) == (args.texts is None):
+        raise LpdError("give exactly one of --descriptors and --texts")
+    asked, texts = None, None
+    if args.texts is not None:
+        texts = sequence.parse_texts(args.texts)
+    else:
+        meta = archive_io.load_meta(args.workdir)
+        asked = sequence.parse_sequence(args.descriptors, meta)
+    options = {"seeds": args.seeds, "guidance": args.guidance, "seed": args.seed}
+    summary = sequence.run_sequence(args.workdir, asked, options, args.out, texts)
+    print(sequence.format_summary(summary))
+    print(f"sequence: written to {args.out}")
+
+
+def _export(args) -> None:
+    from lpd import archive_io
+
+    out = archive_io.export_npz(args.workdir, args.out)
+    print(f"export-archive: wrote {out}")
+
+
+def _import(args) -> None:
+    from lpd import archive, workdir
+    from lpd.workdir import archive_dir
+
+    workdir.check_workdir(args.workdir)
+    with workdir.lock(args.workdir):
+        meta = archive.import_archive(args.npz, args.workdir)
+    print(
+        f"import-archive: {meta['num_elites']} elites written to "
+        f"{archive_dir(args.workdir)}"
+    )
+
+
+TOOLS = {
+    "sample": _sample,
+    "render": _render,
+    "sequence": _sequence,
+    "export-archive": _export,
+    "import-archive": _import,
+}
 
 
 def run(argv: list[str]) -> int:
@@ -130,116 +270,17 @@ def run(argv: list[str]) -> int:
         raise LpdError(
             f"unrecognised arguments: {' '.join(unknown)} (see lpd {args.command} -h)"
         )
-    if overrides and args.command not in STAGES:
-        raise LpdError(f"lpd {args.command} takes no --config overrides")
-
     if args.command in STAGES:
-        from lpd import pipeline
-        from lpd.config import load_config
-
-        config = load_config(args.config, overrides)
-        names = pipeline.STAGES if args.command == "run" else [args.command]
-        for name in names:
-            directory = pipeline.STAGES[name](config, args.workdir)
-            print(f"{name}: written to {directory}")
-    elif args.command == "sample":
-        from lpd import archive_io, diffusion_stage, text_stage
-
-        meta = archive_io.load_meta(args.workdir)
-        texts = None
-        if args.text is not None:
-            if args.descriptor is not None or args.descriptors_file is not None:
-                raise LpdError("give --text or a descriptor, not both")
-            texts = [args.text.strip()]
-            conditions = text_stage.encode_prompts(texts, "--text")
-        else:
-            conditions = diffusion_stage.parse_descriptors(
-                args.descriptor, args.descriptors_file, meta
-            )
-        out, num = diffusion_stage.sample_to_npz(
-            args.workdir,
-            conditions,
-            args.num,
-            args.guidance,
-            args.steps,
-            args.eta,
-            args.sampler,
-            args.seed,
-            args.out,
-            texts,
-        )
-        print(f"sample: wrote {num} policies to {out}")
-    elif args.command == "render":
-        from lpd import render
-
-        flat, what = _policy_to_render(args)
-        result = render.render_to_html(args.workdir, flat, args.seed, args.out)
-        print(
-            f"render: {what}: {result['steps']} steps, return {result['return']:.1f}, "
-            f"foot contact {result['descriptor']} -> {args.out}"
-        )
-    elif args.command == "sequence":
-        from lpd import archive_io, sequence
-
-        if (args.descriptors is None) == (args.texts is None):
-            raise LpdError("give exactly one of --descriptors and --texts")
-        asked, texts = None, None
-        if args.texts is not None:
-            texts = sequence.parse_texts(args.texts)
-        else:
-            meta = archive_io.load_meta(args.workdir)
-            asked = sequence.parse_sequence(args.descriptors, meta)
-        summary = sequence.run_sequence(
-            args.workdir, asked, args.seeds, args.guidance, args.seed, args.out, texts
-        )
-        print(sequence.format_summary(summary))
-        print(f"sequence: written to {args.out}")
-    elif args.command == "export-archive":
-        from lpd import archive_io
-
-        out = archive_io.export_npz(args.workdir, args.out)
-        print(f"export-archive: wrote {out}")
-    elif args.command == "import-archive":
-        from lpd import archive, archive_io, plots
-
-        target = archive_io.archive_dir(args.workdir)
-        if target.exists():
-            raise LpdError(f"{target} already exists; import into another --workdir")
-        data, meta = archive_io.read_npz(args.npz, archive.describe_env)
-        archive_io.save_archive(args.workdir, data, meta, plots.plot_archive_heatmap)
-        print(f"import-archive: {meta['num_elites']} elites written to {target}")
+        _stages(args, overrides)
+    elif overrides:
+        raise LpdError(f"lpd {args.command} takes no --config overrides")
+    else:
+        TOOLS[args.command](args)
     return 0
 
 
-def _policy_to_render(args) -> tuple[dict, str]:
-    """The policy ``lpd render`` asks for: a generated one or an archive elite."""
-    import jax
-    import jax.numpy as jnp
-
-    from lpd import archive_io, diffusion_stage
-
-    if (args.descriptor is None) == (args.elite is None):
-        raise LpdError("give exactly one of --descriptor and --elite")
-    if args.elite is not None:
-        archive, _ = archive_io.load_archive(args.workdir)
-        idx, flat = archive_io.elites(archive)
-        if not 0 <= args.elite < len(idx):
-            raise LpdError(f"--elite must lie in [0, {len(idx) - 1}]")
-        asked = [round(float(v), 3) for v in archive.descriptors[idx[args.elite]]]
-        return {
-            p: x[args.elite] for p, x in flat.items()
-        }, f"elite {args.elite} {asked}"
-    meta = archive_io.load_meta(args.workdir)
-    cond = diffusion_stage.parse_descriptors(args.descriptor, None, meta)
-    guidance = diffusion_stage.picked_guidance(args.workdir, args.guidance)
-    gen = diffusion_stage.load_generator(args.workdir)
-    sample_fn = diffusion_stage.make_sample_fn(gen)
-    flat = sample_fn(jnp.asarray(cond), jax.random.key(args.seed), guidance)
-    return {p: x[0] for p, x in flat.items()}, f"generated for {args.descriptor}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point."""
+    """Runs ``lpd`` in this process (tests, notebooks); returns the exit status."""
     set_host_devices()
     logger = logging.getLogger("lpd")
     if not logger.handlers:
@@ -253,10 +294,33 @@ def main(argv: list[str] | None = None) -> int:
     except LpdError as e:
         print(f"lpd: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # A folder that is read-only, full, or a file.
+        where = f": {e.filename}" if e.filename else ""
+        print(f"lpd: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lpd: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def console() -> None:
+    """The ``lpd`` script: :func:`main`, with ``kill`` (SIGTERM) stopping like
+    Ctrl-C (temporary files removed, resumable), and nothing printed after
+    an error's one line (background threads of the checkpoint library may
+    still report on a damaged file while the process ends)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    code = main()
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -152,9 +152,3 @@ class Codec(nn.Module):
 
     def decode(self, z):
         return self.decoder(z)
-
-
-def count_decoder_params(params: Mapping) -> int:
-    """Parameters of the decoder alone (what generation needs)."""
-    leaves = jax.tree.leaves(params["params"]["decoder"])
-    return int(sum(np.prod(x.shape) for x in leaves))

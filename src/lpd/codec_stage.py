@@ -14,8 +14,7 @@ Reads ``<workdir>/archive``; writes ``<workdir>/codec/``:
 from __future__ import annotations
 
 import logging
-import os
-import time
+import zipfile
 from pathlib import Path
 
 import jax
@@ -24,21 +23,17 @@ import ml_collections
 import numpy as np
 
 from lpd import archive as archive_lib
-from lpd import archive_io, checkpoints, codec_train, evaluation, qd, training
+from lpd import archive_io, checkpoints, codec_train, evaluation, qd, rollouts, training
 from lpd import codec as codec_lib
 from lpd import policy as policy_lib
-from lpd.config import config_to_dict, stage_complete
+from lpd.config import config_to_dict
 from lpd.devices import batch_sharding
 from lpd.errors import LpdError
-from lpd.logs import write_json_atomic
+from lpd.workdir import StageClock, atomic_path, codec_dir, stage_complete, write_json
 
 log = logging.getLogger(__name__)
 
 STAGE_KEY = 1  # fold_in(seed key, STAGE_KEY): this stage's keys differ from others'.
-
-
-def codec_dir(workdir) -> Path:
-    return Path(workdir) / "codec"
 
 
 def make_model(c: ml_collections.ConfigDict, layout) -> codec_lib.Codec:
@@ -54,27 +49,43 @@ def make_model(c: ml_collections.ConfigDict, layout) -> codec_lib.Codec:
     )
 
 
-def _validate(c: ml_collections.ConfigDict) -> None:
-    if c.num_steps <= 0 or c.log_period <= 0 or c.num_steps % c.log_period:
-        raise LpdError(
-            f"codec.num_steps ({c.num_steps}) must be a positive multiple of "
-            f"codec.log_period ({c.log_period})"
-        )
-    for name in ("latent_dim", "batch_size", "eval_episodes", "eval_batch_size"):
+def validate(config: ml_collections.ConfigDict) -> None:
+    """One-line errors for a ``config.codec`` that cannot run."""
+    c = config.codec
+    training.check_schedule(c, "codec")
+    positive = (
+        "latent_dim",
+        "encoder_features",
+        "encoder_hidden",
+        "decoder_hidden",
+        "row_features",
+        "batch_size",
+        "obs_per_policy",
+        "eval_episodes",
+        "eval_batch_size",
+    )
+    for name in positive:
         if c[name] <= 0:
             raise LpdError(f"codec.{name} must be > 0, got {c[name]}")
+    for name in ("basis_dim", "kl_weight", "input_noise", "latent_noise"):
+        if c[name] < 0:
+            raise LpdError(f"codec.{name} must be >= 0, got {c[name]}")
+    if c.functional_weight < 0:
+        raise LpdError(
+            f"codec.functional_weight must be >= 0, got {c.functional_weight}"
+        )
 
 
 def run_codec_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     """Trains (or resumes, or skips when complete) the codec; returns its dir."""
-    started = time.monotonic()
     directory = codec_dir(workdir)
     config_dict = config_to_dict(config)
     if stage_complete(directory, config_dict, "codec"):
         log.info("codec: complete in %s, skipping", directory)
         return directory
+    clock = StageClock(directory)
+    validate(config)
     c = config.codec
-    _validate(c)
     archive, archive_meta = archive_io.load_archive(workdir)
     idx, flat = archive_io.elites(archive)
     if len(idx) < 2:
@@ -88,7 +99,7 @@ def run_codec_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     data = codec_train.CodecData(codec_lib.standardise(stats, flat), obs, actions)
     model = make_model(c, archive_meta["layout"])
     directory.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(directory / "config.json", config_dict)
+    write_json(directory / "config.json", config_dict)
 
     params = _train(c, model, policy, stats, data, (key_init, key_train), directory)
     checkpoints.save_tree(directory / "model", {"params": params, "stats": stats})
@@ -97,11 +108,10 @@ def run_codec_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         c, model, params, stats, flat, archive_meta, archive, key_eval
     )
     report["archive_elites"] = int(len(idx))
-    write_json_atomic(directory / "reconstruction.json", report)
+    write_json(directory / "reconstruction.json", report)
     log.info(
-        "codec: reward ratio %.3f, coverage ratio %.3f, decoder %d params",
-        report["reward_ratio"],
-        report["coverage_ratio"],
+        "codec: %s, decoder %d params",
+        evaluation.format_ratios(report),
         report["decoder_params"],
     )
     meta = {
@@ -111,11 +121,11 @@ def run_codec_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         "layout": archive_meta["layout"],
         "decoder_params": report["decoder_params"],
         "standardiser_params": report["standardiser_params"],
-        "wall_time_s": round(time.monotonic() - started, 1),
+        "wall_time_s": clock.total(),
         "versions": archive_io.package_versions(),
         "config": config_dict,
     }
-    write_json_atomic(directory / "meta.json", meta)
+    write_json(directory / "meta.json", meta)
     return directory
 
 
@@ -137,7 +147,7 @@ def _behaviour_data(c, archive_meta, env, policy, flat, key):
 
     @jax.jit
     def collect(params, key):
-        obs = qd.collect_observations(scoring_fn, params, c.obs_per_policy, key)
+        obs = rollouts.collect_observations(scoring_fn, params, c.obs_per_policy, key)
         return obs, jax.vmap(policy.apply)(params, obs)
 
     params = policy_lib.unflatten_params(flat)
@@ -150,7 +160,7 @@ def _behaviour_data(c, archive_meta, env, policy, flat, key):
 def _train(c, model, policy, stats, data, keys, directory):
     """Runs (or resumes) training in jitted chunks; returns the final params."""
     key_init, key_train = keys
-    optimizer = codec_train.make_optimizer(
+    optimizer = training.make_optimizer(
         c.learning_rate, c.warmup_steps, c.num_steps, c.weight_decay, c.grad_clip
     )
     weights = codec_train.LossWeights(
@@ -172,7 +182,12 @@ def _train(c, model, policy, stats, data, keys, directory):
         return state._asdict(), metrics
 
     state = training.run_chunks(
-        directory, init_state, run_chunk, c.num_steps, c.log_period, "codec"
+        directory,
+        init_state,
+        run_chunk,
+        (c.num_steps, c.log_period),
+        "codec",
+        "codec",
     )
     return state["params"]
 
@@ -187,8 +202,7 @@ def _write_latents(model, params, data, archive, idx, directory) -> float:
     """Writes ``latents.npz`` (unit-variance latents); returns the scale."""
     means = np.asarray(encode_means(model, params, data.inputs))
     scale = float(1.0 / np.std(means))
-    tmp = directory / "latents.npz.tmp"
-    with tmp.open("wb") as f:
+    with atomic_path(directory / "latents.npz") as tmp, tmp.open("wb") as f:
         np.savez(
             f,
             latents=(means * scale).astype(np.float32),
@@ -197,7 +211,6 @@ def _write_latents(model, params, data, archive, idx, directory) -> float:
             descriptors=np.asarray(archive.descriptors)[idx],
             fitnesses=np.asarray(archive.fitnesses)[idx],
         )
-    os.replace(tmp, directory / "latents.npz")
     return scale
 
 
@@ -213,8 +226,15 @@ def load_latents(workdir, cells=None) -> dict:
             f"no complete codec in {directory}: run `lpd train-codec` with this "
             "--workdir first"
         )
-    with np.load(directory / "latents.npz", allow_pickle=False) as data:
-        latents = dict(data)
+    path = directory / "latents.npz"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            latents = dict(data)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise LpdError(
+            f"{path} is missing or corrupt ({type(e).__name__}); delete {directory} "
+            "and run `lpd train-codec` again"
+        ) from None
     if cells is not None and not np.array_equal(latents["cells"], cells):
         raise LpdError(f"{directory} was made from another archive; rerun the codec")
     return latents
@@ -242,7 +262,7 @@ def reconstruction_report(c, model, params, stats, flat, meta, archive, key) -> 
         for p in sorted(flat)
     }
     eval_fn = jax.jit(
-        qd.make_episodes_eval_fn(
+        rollouts.make_episodes_eval_fn(
             env, policy, env.episode_length, c.eval_episodes, c.eval_batch_size
         )
     )
@@ -267,9 +287,9 @@ def reconstruction_report(c, model, params, stats, flat, meta, archive, key) -> 
         np.asarray(archive.centroids),
         meta["fitness_offset"],
     )
-    per_policy = policy_lib.count_params({p: x.shape[1:] for p, x in flat.items()})
     num = next(iter(flat.values())).shape[0]
-    decoder_params = codec_lib.count_decoder_params(params)
+    per_policy = policy_lib.count_params(flat) // num
+    decoder_params = policy_lib.count_params(params["params"]["decoder"])
     report.update(
         eval_episodes=c.eval_episodes,
         relative_error=relative,

@@ -44,23 +44,6 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
-def make_optimizer(
-    learning_rate: float,
-    warmup_steps: int,
-    num_steps: int,
-    weight_decay: float,
-    grad_clip: float,
-) -> optax.GradientTransformation:
-    """AdamW with linear warm-up, cosine decay and global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, warmup_steps, max(num_steps, warmup_steps + 1)
-    )
-    return optax.chain(
-        optax.clip_by_global_norm(grad_clip),
-        optax.adamw(schedule, weight_decay=weight_decay),
-    )
-
-
 def loss_fn(params, model, policy, stats, batch: CodecData, weights, key):
     """Per-tensor MSE (summed over tensors) + KL + optional action matching.
 

@@ -12,6 +12,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -38,10 +39,41 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         config = module.get_config(arg) if arg else module.get_config()
     except Exception as e:
         raise LpdError(f"config {spec} failed to load: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise LpdError(
+            f"get_config() in {path} returned a {type(config).__name__}; it must "
+            "return an ml_collections.ConfigDict"
+        )
     config.lock()
     for override in overrides:
         apply_override(config, override)
+    check_values(config)
     return config
+
+
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed, name: str = "--seed") -> int:
+    """``seed`` if it is an integer in ``[0, 2**32 - 1]``; else a one-line error."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise LpdError(f"{name} must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    return seed
+
+
+def check_values(config: ml_collections.ConfigDict, prefix: str = "config") -> None:
+    """Refuses NaN or infinite numbers anywhere in ``config``, and a bad seed."""
+    for name, value in config.items():
+        where = f"{prefix}.{name}"
+        if isinstance(value, ml_collections.ConfigDict):
+            check_values(value, where)
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise LpdError(f"{where} is {v}; give a finite number")
+    if prefix == "config" and "seed" in config:
+        check_seed(config.seed, "config.seed")
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
@@ -119,30 +151,3 @@ def diff_configs(old: dict, new: dict, prefix: str = "config") -> list[str]:
         elif a != b:
             diffs.append(f"{prefix}.{key}: {a!r} -> {b!r}")
     return diffs
-
-
-def stage_complete(directory, config_dict: dict, section: str) -> bool:
-    """Whether a stage's directory holds a complete run of this config.
-
-    Refuses (``LpdError``) a directory made with another ``config.<section>``
-    or seed; a complete stage has its ``meta.json``, written last.
-
-    Args:
-        directory: the stage's directory (``<workdir>/<stage>``).
-        config_dict: the current config as a dict.
-        section: the config section the stage reads.
-    """
-    path = os.path.join(directory, "config.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        old = json.load(f)
-    diffs = diff_configs(old.get(section, {}), config_dict[section], section)
-    if old.get("seed") != config_dict["seed"]:
-        diffs.append(f"seed: {old.get('seed')!r} -> {config_dict['seed']!r}")
-    if diffs:
-        raise LpdError(
-            f"{directory} was made with a different config ({'; '.join(diffs[:3])}); "
-            "use another --workdir or delete that directory"
-        )
-    return os.path.exists(os.path.join(directory, "meta.json"))

@@ -65,12 +65,10 @@ def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
-class DescriptorConditioner(nn.Module):
-    """Condition ``[D]`` -> conditioning vector ``[features]`` (a learned
-    two-layer projection), or the learned null vector where ``drop`` is true.
-
-    The text model feeds it sentence embeddings instead of descriptors; the
-    name stays, as it names the parameters of saved checkpoints."""
+class Conditioner(nn.Module):
+    """Condition ``[C]`` (a descriptor, or a sentence embedding) -> conditioning
+    vector ``[features]`` (a learned two-layer projection), or the learned null
+    vector where ``drop`` is true."""
 
     features: int
 
@@ -111,7 +109,6 @@ class Denoiser(nn.Module):
     width: int = 64
     depth: int = 3
     num_heads: int = 4
-    conditioner: nn.Module = None
 
     @nn.compact
     def __call__(self, x, t, cond, drop):
@@ -126,8 +123,7 @@ class Denoiser(nn.Module):
         c = nn.Dense(self.width)(
             nn.silu(nn.Dense(self.width)(timestep_embedding(t, self.width)))
         )
-        conditioner = self.conditioner or DescriptorConditioner(self.width)
-        c = c + conditioner(cond, drop)
+        c = c + Conditioner(self.width, name="conditioner")(cond, drop)
         for _ in range(self.depth):
             tokens = AdaLNBlock(self.width, self.num_heads)(tokens, c)
         shift, scale = jnp.split(
@@ -165,7 +161,6 @@ class UNet1D(nn.Module):
     latent_dim: int
     channels: tuple[int, ...] = (32, 64)
     width: int = 64
-    conditioner: nn.Module = None
 
     @nn.compact
     def __call__(self, x, t, cond, drop):
@@ -173,8 +168,7 @@ class UNet1D(nn.Module):
             raise ValueError("latent_dim must be divisible by 2 ** len(channels)")
         time = timestep_embedding(t, self.width)
         c = nn.Dense(self.width)(nn.silu(nn.Dense(self.width)(time)))
-        conditioner = self.conditioner or DescriptorConditioner(self.width)
-        c = c + conditioner(cond, drop)
+        c = c + Conditioner(self.width, name="conditioner")(cond, drop)
         h = nn.Conv(self.channels[0], (3,))(x[:, None])
         skips = []
         for channels in self.channels:

@@ -1,14 +1,14 @@
 """Last stage: measure the generator against the archive (``lpd evaluate``).
 
-The protocol of ``shared/method.md`` section 5. Every policy (original elite,
-codec reconstruction, generated) runs ``config.evaluate.episodes`` episodes
-from random resets with QDax's scoring function, batch ``b`` of every set on
-the same keys, so policy i of each set meets the same episodes. Generated
-policies come from one jitted program per batch: sample latents for the
-asked descriptors, decode, roll out, and find the nearest elite in weight
-space. The text metric asks the text-conditioned denoiser (``lpd
-train-text``) for each of :func:`lpd.labels.metric_prompts` and counts the
-generated policies whose achieved descriptor lies in the prompt's region.
+The protocol (README, "The evaluation stage"): every policy (original
+elite, codec reconstruction, generated) runs ``config.evaluate.episodes``
+episodes from random resets with QDax's scoring function, batch ``b`` of
+every set on the same keys, so policy i of each set meets the same
+episodes. Generated policies come from one jitted program per batch: sample
+latents for the asked descriptors, decode, roll out, and find the nearest
+elite in weight space. The text metric asks the text-conditioned denoiser
+(``lpd train-text``) for each of :func:`lpd.labels.metric_prompts` and counts
+the generated policies whose achieved descriptor lies in the prompt's region.
 
 Writes ``<workdir>/report/``: ``report.json``, ``report.md``,
 ``heatmaps.png``, ``descriptors.png``, ``returns.png``, ``parts/`` (each
@@ -24,8 +24,9 @@ import logging
 import math
 import os
 import shutil
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,26 +37,22 @@ from lpd import archive as archive_lib
 from lpd import (
     archive_io,
     codec_stage,
-    diffusion_stage,
     evaluation,
+    generator,
     labels,
-    qd,
     report,
+    rollouts,
     text,
 )
 from lpd import policy as policy_lib
-from lpd.config import config_to_dict, stage_complete
+from lpd.config import config_to_dict
 from lpd.errors import LpdError
-from lpd.logs import write_json_atomic
+from lpd.workdir import StageClock, report_dir, stage_complete, write_json
 
 log = logging.getLogger(__name__)
 
 STAGE_KEY = 3
 ROLLOUT_MEMORY_FACTOR = 3  # Working memory of a rollout / its stored trajectory.
-
-
-def report_dir(workdir) -> Path:
-    return Path(workdir) / "report"
 
 
 def memory_budget(fraction: float) -> float:
@@ -90,7 +87,7 @@ def make_generate_fn(gen, eval_fn) -> callable:
     nearest-elite index [B])``; episodes use ``key`` itself (as the original
     elites' do), sampling ``fold_in(key, 1)``.
     """
-    sample_fn = diffusion_stage.make_sample_fn(gen)
+    sample_fn = generator.make_sample_fn(gen)
 
     def generate(cond, key, guidance, elites):
         flat = sample_fn(cond, jax.random.fold_in(key, 1), guidance)
@@ -101,26 +98,15 @@ def make_generate_fn(gen, eval_fn) -> callable:
     return jax.jit(generate)
 
 
-def _codec_reconstructions(gen, workdir, cells, batch_size: int) -> dict:
-    """Each elite decoded from its stored latent: flat params ``{path: [N, ...]}``.
-
-    ``cells``: ``[N]`` archive cells of the elites, which the latents must match.
-    """
-    latents = codec_stage.load_latents(workdir, cells)["latents"]  # Unit variance.
-    decode = jax.jit(lambda z, _: diffusion_stage.decode_latents(gen, z))
-    return evaluation.map_in_batches(decode, latents, batch_size, jax.random.key(0))
-
-
 def _uniform_conditions(meta: dict, num: int, key) -> np.ndarray:
     low, high = np.asarray(meta["descriptor_low"]), np.asarray(meta["descriptor_high"])
     u = jax.random.uniform(key, (num, len(low)))
     return np.asarray(low + (high - low) * np.asarray(u), np.float32)
 
 
-def _text_metric(text_generate, generate, meta, samples, batch, key, parts):
-    """Scores ``samples`` policies per metric prompt from the text model
-    (``text_generate``), and as many from the descriptor model (``generate``)
-    asked each region's centre.
+def _text_metric(s: Scoring, meta, samples: int, key):
+    """Scores ``samples`` policies per metric prompt from the text model, and
+    as many from the descriptor model asked each region's centre.
 
     Returns ``(prompts, samples, by_text, by_descriptor)`` for
     :func:`lpd.report.text_summary`.
@@ -129,20 +115,20 @@ def _text_metric(text_generate, generate, meta, samples, batch, key, parts):
     embeddings = text.encode(text.load_text_encoder(), [p["prompt"] for p in prompts])
     centres = [(np.asarray(p["low"]) + np.asarray(p["high"])) / 2 for p in prompts]
     by_text = evaluation.map_in_batches(
-        text_generate,
+        s.text_generate,
         np.repeat(embeddings, samples, axis=0).astype(np.float32),
-        batch,
+        s.batch,
         key,
         "evaluate: text prompts",
-        parts / "text",
+        s.parts / "text",
     )
     by_descriptor = evaluation.map_in_batches(
-        generate,
+        s.generate,
         np.repeat(np.stack(centres), samples, axis=0).astype(np.float32),
-        batch,
+        s.batch,
         key,
         "evaluate: prompt regions",
-        parts / "text_regions",
+        s.parts / "text_regions",
     )
     return prompts, samples, by_text, by_descriptor
 
@@ -156,100 +142,98 @@ def _parts_dir(directory: Path, batch: int) -> Path:
         log.info("evaluate: batch size changed, recomputing %s", parts)
         shutil.rmtree(parts)
     parts.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(stamp, {"batch_size": batch})
+    write_json(stamp, {"batch_size": batch})
     return parts
 
 
-def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
-    """Evaluates (or resumes, or skips when complete); returns the report dir."""
-    started = time.monotonic()
-    directory = report_dir(workdir)
-    config_dict = config_to_dict(config)
-    if stage_complete(directory, config_dict, "evaluate"):
-        log.info("evaluate: complete in %s, skipping", directory)
-        return directory
+def validate(config: ml_collections.ConfigDict) -> None:
+    """One-line errors for a ``config.evaluate`` that cannot run."""
     c = config.evaluate
-    if (
-        c.episodes <= 0
-        or c.text_samples <= 0
-        or c.batch_size < 0
-        or c.uniform_conditions < 0
-    ):
+    if c.episodes <= 0 or c.text_samples <= 0:
+        raise LpdError("evaluate.episodes and evaluate.text_samples must be > 0")
+    if c.batch_size < 0 or c.uniform_conditions < 0:
         raise LpdError(
-            "evaluate.episodes and evaluate.text_samples must be > 0, "
-            "evaluate.batch_size and evaluate.uniform_conditions >= 0"
+            "evaluate.batch_size and evaluate.uniform_conditions must be >= 0"
         )
-    guidance = diffusion_stage.picked_guidance(workdir, c.guidance)
-    gen = diffusion_stage.load_generator(workdir)
-    text_gen = diffusion_stage.load_generator(workdir, text=True)
-    archive, meta = archive_io.load_archive(workdir)
-    idx, flat = archive_io.elites(archive)
-    asked = np.asarray(archive.descriptors)[idx]
-    centroids = np.asarray(archive.centroids)
-    env, policy = archive_lib.make_task(meta)
+    if not 0 < c.memory_fraction <= 1:
+        raise LpdError("evaluate.memory_fraction must lie in (0, 1]")
 
+
+class Scoring(NamedTuple):
+    """What every scored set shares: one protocol, one batch size, one cache."""
+
+    batch: int
+    parts: Path  # Per-set caches of batch results, for resuming.
+    score: Callable  # (flat params [B], key) -> (returns [B], achieved [B, D]).
+    generate: Callable  # (descriptors [B, D], key) -> generate fn's outputs.
+    text_generate: Callable  # (embeddings [B, 384], key) -> the same.
+    decode: Callable  # (unit-variance latents [B, L], key) -> flat params [B].
+    elites: jax.Array  # [N, P] the elites' parameters as vectors.
+
+
+def _batch_size(c, env, policy, flat, meta) -> int:
+    """Policies per jitted call: ``c.batch_size``, or what fits in memory."""
     one = policy_lib.unflatten_params({p: x[:1] for p, x in flat.items()})
-    rollout_bytes = qd.rollout_bytes_per_policy(
+    rollout_bytes = rollouts.rollout_bytes_per_policy(
         env, policy, one, meta["episode_length"], c.episodes
     )
-    batch = choose_batch_size(
+    num = next(iter(flat.values())).shape[0]
+    return choose_batch_size(
         c.batch_size,
-        len(idx),
+        num,
         ROLLOUT_MEMORY_FACTOR * rollout_bytes,
         memory_budget(c.memory_fraction),
     )
-    log.info(
-        "evaluate: %d elites, %d episodes each, %d policies per call",
-        len(idx),
-        c.episodes,
-        batch,
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(directory / "config.json", config_dict)
-    parts = _parts_dir(directory, batch)
 
-    key = jax.random.fold_in(jax.random.key(config.seed), STAGE_KEY)
-    key_eval, key_uniform_eval, key_uniform, key_text = jax.random.split(key, 4)
-    eval_fn = qd.make_episodes_eval_fn(
-        env, policy, meta["episode_length"], c.episodes, batch
+
+def _make_scoring(c, gens, guidance, task, flat, batch, parts) -> Scoring:
+    """The scoring functions of one evaluation; ``task`` is ``(env, policy,
+    episode_length)``, ``gens`` the descriptor and text generators."""
+    env, policy, episode_length = task
+    eval_fn = rollouts.make_episodes_eval_fn(
+        env, policy, episode_length, c.episodes, batch
     )
-    score = jax.jit(lambda f, k: eval_fn(policy_lib.unflatten_params(f), k))
     elites = evaluation.flat_vectors({p: jnp.asarray(x) for p, x in flat.items()})
     generate, text_generate = (
         functools.partial(
             make_generate_fn(g, eval_fn), guidance=jnp.float32(guidance), elites=elites
         )
-        for g in (gen, text_gen)
+        for g in gens
+    )
+    return Scoring(
+        batch=batch,
+        parts=parts,
+        score=jax.jit(lambda f, k: eval_fn(policy_lib.unflatten_params(f), k)),
+        generate=generate,
+        text_generate=text_generate,
+        decode=jax.jit(lambda z, _: generator.decode_latents(gens[0], z)),
+        elites=elites,
     )
 
-    original = evaluation.map_in_batches(
-        score, flat, batch, key_eval, "evaluate: original elites", parts / "original"
+
+def _score_sets(s: Scoring, asked, flat, latents, keys) -> report.Results:
+    """Originals, codec reconstructions (each elite decoded from its stored
+    unit-variance latent ``[N, L]``), generated policies and the uniform sweep,
+    each under the protocol; ``keys`` are ``(key_eval, key_uniform_eval,
+    uniform descriptors [U, D])``."""
+    key_eval, key_uniform_eval, uniform_asked = keys
+    run = lambda fn, inputs, key, name: evaluation.map_in_batches(
+        fn, inputs, s.batch, key, f"evaluate: {name}", s.parts / name.split()[0]
     )
-    codec_flat = _codec_reconstructions(gen, workdir, idx, batch)
-    codec_only = evaluation.map_in_batches(
-        score, codec_flat, batch, key_eval, "evaluate: codec only", parts / "codec"
+    original = run(s.score, flat, key_eval, "original elites")
+    codec_flat = evaluation.map_in_batches(
+        s.decode, latents, s.batch, jax.random.key(0)
     )
-    generated = evaluation.map_in_batches(
-        generate, asked, batch, key_eval, "evaluate: generated", parts / "generated"
-    )
-    uniform_asked = _uniform_conditions(
-        meta, c.uniform_conditions or len(idx), key_uniform
-    )
-    uniform = evaluation.map_in_batches(
-        generate,
-        uniform_asked,
-        batch,
-        key_uniform_eval,
-        "evaluate: uniform sweep",
-        parts / "uniform",
-    )
-    text_scores = _text_metric(
-        text_generate, generate, meta, c.text_samples, batch, key_text, parts
-    )
+    codec_only = run(s.score, codec_flat, key_eval, "codec only")
+    generated = run(s.generate, asked, key_eval, "generated")
+    uniform = run(s.generate, uniform_asked, key_uniform_eval, "uniform sweep")
     reference, _ = evaluation.map_in_batches(
-        lambda e, _: evaluation.nearest(e, elites, k=2), elites, batch, key
+        lambda e, _: evaluation.nearest(e, s.elites, k=2),
+        s.elites,
+        s.batch,
+        key_eval,
     )
-    results = report.Results(
+    return report.Results(
         asked=asked,
         original=original,
         codec_only=codec_only,
@@ -258,26 +242,69 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         uniform=uniform,
         elite_distances=reference[:, 1],
     )
-    summary = report.summarise(results, centroids, meta, report.model_sizes(gen, flat))
+
+
+def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
+    """Evaluates (or resumes, or skips when complete); returns the report dir."""
+    directory = report_dir(workdir)
+    config_dict = config_to_dict(config)
+    if stage_complete(directory, config_dict, "evaluate"):
+        log.info("evaluate: complete in %s, skipping", directory)
+        return directory
+    clock = StageClock(directory)
+    validate(config)
+    c = config.evaluate
+    guidance = generator.picked_guidance(workdir, c.guidance)
+    gens = [generator.load_generator(workdir, text=t) for t in (False, True)]
+    archive, meta = archive_io.load_archive(workdir)
+    cells, flat = archive_io.elites(archive)
+    latents = codec_stage.load_latents(workdir, cells)["latents"]
+    env, policy = archive_lib.make_task(meta)
+    batch = _batch_size(c, env, policy, flat, meta)
+    log.info(
+        "evaluate: %d elites, %d episodes each, %d policies per call",
+        len(cells),
+        c.episodes,
+        batch,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "config.json", config_dict)
+    task = (env, policy, meta["episode_length"])
+    scoring = _make_scoring(
+        c, gens, guidance, task, flat, batch, _parts_dir(directory, batch)
+    )
+    key = jax.random.fold_in(jax.random.key(config.seed), STAGE_KEY)
+    key_eval, key_uniform_eval, key_uniform, key_text = jax.random.split(key, 4)
+    uniform_asked = _uniform_conditions(
+        meta, c.uniform_conditions or len(cells), key_uniform
+    )
+    asked = np.asarray(archive.descriptors)[cells]
+    results = _score_sets(
+        scoring, asked, flat, latents, (key_eval, key_uniform_eval, uniform_asked)
+    )
+    text_scores = _text_metric(scoring, meta, c.text_samples, key_text)
+    centroids = np.asarray(archive.centroids)
+    summary = report.summarise(
+        results, centroids, meta, report.model_sizes(gens[0], flat)
+    )
     summary.update(
-        text=report.text_summary(*text_scores, original),
+        text=report.text_summary(*text_scores, results.original),
         episodes=c.episodes,
         guidance=float(guidance),
-        sample_steps=gen.config.diffusion.sample_steps,
+        sample_steps=gens[0].config.diffusion.sample_steps,
         batch_size=batch,
         devices=[str(d) for d in jax.local_devices()],
-        wall_time_s=report.stage_times(workdir, time.monotonic() - started),
+        wall_time_s=report.stage_times(workdir, clock.total()),
         versions=archive_io.package_versions(),
         config=config_dict,
     )
     report.write(directory, summary, results, centroids, meta)
     log.info(
-        "evaluate: reward ratio %.3f, coverage ratio %.3f, compression %.1fx",
-        summary["reward_ratio"],
-        summary["coverage_ratio"],
+        "evaluate: %s, compression %.1fx",
+        evaluation.format_ratios(summary),
         summary["compression_ratio"],
     )
-    write_json_atomic(
+    write_json(
         directory / "meta.json",
         {"versions": summary["versions"], "config": config_dict},
     )

@@ -1,7 +1,8 @@
 """Scoring many policies in fixed-size batches, and fidelity metrics.
 
 All ratios compare a set of policies with the original elites evaluated by
-exactly the same protocol (same episodes, same keys).
+exactly the same protocol (same episodes, same keys). A ratio whose
+denominator is not positive is ``None``: it would mean nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lpd import qd
+from lpd.workdir import atomic_path
 
 
 def map_in_batches(
@@ -35,26 +37,28 @@ def map_in_batches(
     if cache is not None:
         cache = Path(cache)
         cache.mkdir(parents=True, exist_ok=True)
-    outputs = []
+    result = None  # Filled batch by batch: no copy of the whole output.
     for b, start in enumerate(
         tqdm(range(0, num, batch_size), desc=desc, disable=not desc, leave=False)
     ):
         path = cache / f"{b:05d}.npz" if cache is not None else None
         if path is not None and path.exists():
             with np.load(path) as data:
-                outputs.append(tuple(data[f"arr_{i}"] for i in range(len(data.files))))
-            continue
-        idx = np.arange(start, start + batch_size)
-        idx = np.where(idx < num, idx, 0)
-        batch = jax.tree.map(lambda x, i=idx: x[i], params)
-        out = jax.device_get(fn(batch, jax.random.fold_in(key, b)))
-        if path is not None:
-            tmp = path.with_name(path.name + ".tmp")
-            with tmp.open("wb") as f:
-                np.savez(f, *out)
-            tmp.replace(path)
-        outputs.append(out)
-    return jax.tree.map(lambda *xs: np.concatenate(xs)[:num], *outputs)
+                out = tuple(data[f"arr_{i}"] for i in range(len(data.files)))
+        else:
+            idx = np.arange(start, start + batch_size)
+            idx = np.where(idx < num, idx, 0)
+            batch = jax.tree.map(lambda x, i=idx: x[i], params)
+            out = jax.device_get(fn(batch, jax.random.fold_in(key, b)))
+            if path is not None:
+                with atomic_path(path) as tmp, tmp.open("wb") as f:
+                    np.savez(f, *out)
+        if result is None:
+            result = jax.tree.map(lambda x: np.empty((num, *x.shape[1:]), x.dtype), out)
+        stop = min(start + batch_size, num)
+        for r, x in zip(jax.tree.leaves(result), jax.tree.leaves(out), strict=True):
+            r[start:stop] = x[: stop - start]
+    return result
 
 
 def flat_vectors(flat: dict) -> jax.Array:
@@ -133,6 +137,24 @@ def archive_summary(returns, achieved, centroids, fitness_offset: float) -> dict
     }
 
 
+def ratio(x, y) -> float | None:
+    """``x / y``, or None when ``y`` is not positive (or either is NaN)."""
+    return float(x / y) if y > 0 and np.isfinite(x) else None
+
+
+def format_ratio(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def format_ratios(m: dict) -> str:
+    """The fidelity ratios of :func:`fidelity` in one line, for logs."""
+    return (
+        f"reward ratio {format_ratio(m['reward_ratio'])} (offset "
+        f"{format_ratio(m['offset_reward_ratio'])}), coverage ratio "
+        f"{format_ratio(m['coverage_ratio'])}"
+    )
+
+
 def fidelity(original, generated, asked, centroids, fitness_offset: float) -> dict:
     """The protocol's metrics of ``generated`` against the re-evaluated original.
 
@@ -146,24 +168,30 @@ def fidelity(original, generated, asked, centroids, fitness_offset: float) -> di
         fitness_offset: the task's QD-score offset.
 
     Returns:
-        A dict of floats; ``cell_fitnesses`` of both archives are returned
-        separately by :func:`archive_summary`.
+        A dict of floats: ``reward_ratio`` is the paper's, mean return over
+        the originals' mean return (None when that is not positive, as on
+        tasks whose returns are mostly negative); ``offset_reward_ratio`` is
+        the same on returns shifted by the task's fitness offset (the QD
+        score's), defined for every task; ``coverage_ratio``,
+        ``qd_score_ratio``, ``js_divergence``, ``measure_error`` and the raw
+        figures behind them.
     """
     a0 = archive_summary(*original, centroids, fitness_offset)
     a1 = archive_summary(*generated, centroids, fitness_offset)
-    ratio = lambda x, y: float(x / y) if y else float("nan")
     achieved = np.asarray(generated[1])
     error = np.linalg.norm(achieved - np.asarray(asked), axis=-1)
+    shift = lambda a: a["mean_return"] + fitness_offset
     return {
         "reward_ratio": ratio(a1["mean_return"], a0["mean_return"]),
+        "offset_reward_ratio": ratio(shift(a1), shift(a0)),
         "coverage_ratio": ratio(a1["filled_cells"], a0["filled_cells"]),
         "qd_score_ratio": ratio(a1["qd_score"], a0["qd_score"]),
         "js_divergence": js_divergence(original[1], achieved)
         if len(achieved)
-        else float("nan"),
-        "measure_error": float(np.mean(error)) if len(error) else float("nan"),
+        else None,
+        "measure_error": float(np.mean(error)) if len(error) else None,
         "original_mean_return": a0["mean_return"],
-        "generated_mean_return": a1["mean_return"],
+        "generated_mean_return": a1["mean_return"] if len(achieved) else None,
         "original_cells": a0["filled_cells"],
         "generated_cells": a1["filled_cells"],
         "original_qd_score": a0["qd_score"],

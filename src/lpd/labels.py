@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lpd.errors import LpdError
+from lpd.workdir import write_text
 
 LOW, HIGH = 0.3, 0.7  # Contact fraction below / above: foot mostly up / down.
 FELL = 0.8  # An episode shorter than this fraction of the maximum fell.
@@ -201,19 +202,35 @@ def write_labels(path, cells, texts: list[list[str]]) -> None:
     entries = [
         {"cell": int(c), "texts": list(t)} for c, t in zip(cells, texts, strict=True)
     ]
-    Path(path).write_text(json.dumps({"labels": entries}, indent=1))
+    write_text(path, json.dumps({"labels": entries}, indent=1))
+
+
+FORMAT = '{"labels": [{"cell": int, "texts": [str, ...]}, ...]}'
 
 
 def read_labels(path, cells) -> list[list[str]]:
-    """Texts per elite, in the order of ``cells`` ``[N]``; one-line errors."""
+    """Texts per elite, in the order of ``cells`` ``[N]``; one-line errors for a
+    file that is not in the format, names a cell twice or a cell that holds
+    no elite, or leaves an elite without text."""
     try:
         entries = json.loads(Path(path).read_text())["labels"]
-        by_cell = {int(e["cell"]): [str(t) for t in e["texts"]] for e in entries}
+        pairs = [(int(e["cell"]), [str(t) for t in e["texts"]]) for e in entries]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LpdError(
-            f"cannot read labels from {path} ({e}); expected "
-            '{"labels": [{"cell": int, "texts": [str, ...]}, ...]}'
+            f"cannot read labels from {path} ({e}); expected {FORMAT}"
         ) from None
+    by_cell = dict(pairs)
+    if len(by_cell) != len(pairs):
+        seen = [c for c, _ in pairs]
+        twice = sorted({c for c in seen if seen.count(c) > 1})
+        raise LpdError(f"{path} names cells {twice[:5]} more than once")
+    known = {int(c) for c in cells}
+    unknown = sorted(set(by_cell) - known)
+    if unknown:
+        raise LpdError(
+            f"{path} labels cells that hold no elite ({unknown[:5]}); use the cells "
+            "of the archive (lpd export-archive, or labels.json of a text stage)"
+        )
     missing = [
         int(c) for c in cells if not any(t.strip() for t in by_cell.get(int(c), []))
     ]
@@ -221,4 +238,4 @@ def read_labels(path, cells) -> list[list[str]]:
         raise LpdError(
             f"{path} has no text for {len(missing)} elites (cells {missing[:5]}...)"
         )
-    return [by_cell[int(c)] for c in cells]
+    return [[t for t in by_cell[int(c)] if t.strip()] for c in cells]

@@ -1,20 +1,14 @@
-"""Per-stage metric logs (JSONL and TensorBoard) and small atomic file writes."""
+"""Per-stage metric logs: ``metrics.jsonl`` and TensorBoard events."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from tensorboardX import SummaryWriter
 
-
-def write_json_atomic(path: Path, data) -> None:
-    """Writes ``data`` as JSON to ``path`` via a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+from lpd.workdir import write_text
 
 
 class MetricsWriter:
@@ -29,9 +23,7 @@ class MetricsWriter:
         if resume_step is not None and self._path.exists():
             rows = [json.loads(line) for line in self._path.read_text().splitlines()]
             kept = [r for r in rows if r["step"] <= resume_step]
-            tmp = self._path.with_name("metrics.jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self._path)
+            write_text(self._path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self._path.exists():
             self._path.unlink()
         self._tb = SummaryWriter(str(directory / "tensorboard"))

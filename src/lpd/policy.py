@@ -2,7 +2,8 @@
 
 A policy's parameters are a Flax variables dict ``{"params": {...}}`` holding
 ``Dense_0 .. Dense_L`` (``kernel [in, out]``, ``bias [out]``) and, when the
-policy normalises observations, ``obs_mean [obs]`` and ``obs_std [obs]``.
+policy normalises observations, ``obs_mean [obs]`` and ``obs_log_std [obs]``
+(the log of the scale: any value, mutated or not, is a valid normaliser).
 A *layout* maps each leaf's ``/``-joined path to its shape for one policy.
 """
 
@@ -16,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-# Floor on the normaliser's scale: variation operators perturb ``obs_std``
-# like any other gene, so it can drift towards zero.
+# Floor on the normaliser's scale, so an observation that barely varies in
+# the rollouts the normaliser was fitted on is not scaled up without bound.
 MIN_OBS_STD = 1e-3
 
 
@@ -41,10 +42,10 @@ class Policy(nn.Module):
         if self.normalise_obs:
             size = obs.shape[-1:]
             mean = self.param("obs_mean", nn.initializers.zeros, size)
-            std = self.param("obs_std", nn.initializers.ones, size)
+            log_std = self.param("obs_log_std", nn.initializers.zeros, size)
             # The normaliser is fitted from data, never trained by gradients.
-            mean, std = jax.lax.stop_gradient((mean, std))
-            obs = (obs - mean) / jnp.maximum(std, MIN_OBS_STD)
+            mean, log_std = jax.lax.stop_gradient((mean, log_std))
+            obs = (obs - mean) / jnp.maximum(jnp.exp(log_std), MIN_OBS_STD)
         x = obs
         init = nn.initializers.lecun_uniform()
         for size in self.hidden_sizes:
@@ -69,9 +70,17 @@ def policy_layout(policy: Policy, obs_size: int) -> dict[str, tuple[int, ...]]:
     return {path: tuple(flat[path].shape) for path in sorted(flat)}
 
 
-def count_params(layout: Mapping[str, tuple[int, ...]]) -> int:
-    """Number of parameters of one policy with this layout."""
-    return int(sum(np.prod(shape, dtype=np.int64) for shape in layout.values()))
+def layout_template(layout: Mapping, leading: tuple[int, ...] = ()) -> dict:
+    """``{path: ShapeDtypeStruct((*leading, *shape), float32)}`` of a layout."""
+    return {
+        path: jax.ShapeDtypeStruct((*leading, *shape), jnp.float32)
+        for path, shape in layout.items()
+    }
+
+
+def count_params(tree) -> int:
+    """Numbers in a pytree whose leaves have a ``shape`` (arrays, shape structs)."""
+    return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(tree)))
 
 
 def init_policies(policy: Policy, obs_size: int, num: int, key: jax.Array) -> dict:

@@ -35,7 +35,6 @@ from qdax.tasks.brax.v2.envs.base_env import QDEnv
 from qdax.tasks.brax.v2.wrappers.locomotion_wrappers import FeetContactWrapper
 from qdax.utils.metrics import default_qd_metrics
 
-from lpd.devices import batch_sharding
 from lpd.errors import LpdError
 
 __all__ = ["MapElitesRepertoire", "MAPElites", "ENVS"]
@@ -53,20 +52,40 @@ BACKENDS = ("spring", "positional", "generalized", "mjx")
 EMITTERS = ("map_elites", "pga_me")
 
 
-class AntFeetContactWrapper(FeetContactWrapper):
-    """Feet contact for Brax's MJCF ant, whose lower legs have no names.
+# A foot touches the ground when its contact distance is at most this, per
+# backend. The positional backend projects bodies out of the ground, so a foot
+# resting on it reads a distance of 1e-6 to 1e-4, never <= 0: with QDax's test
+# every descriptor would be 0. 1 mm separates resting feet from lifted ones.
+CONTACT_TOLERANCE = {"spring": 0.0, "positional": 1e-3, "generalized": 0.0, "mjx": 0.0}
 
-    QDax names the ant's feet after Brax-v1 bodies ("$ Body 4", ...), which the
-    MJCF ant lacks, so QDax's descriptor would be empty. The ant's feet are the
-    four lower-leg links, each the child of a hip link ``aux_1`` .. ``aux_4``.
+
+class FeetContact(FeetContactWrapper):
+    """QDax's feet-contact descriptor, with a per-backend contact tolerance.
+
+    For the ant, the feet are found by our own mapping: QDax names them after
+    Brax-v1 bodies ("$ Body 4", ...), which the MJCF ant lacks, so QDax's
+    descriptor would be empty. The ant's feet are the four lower-leg links,
+    each the child of a hip link ``aux_1`` .. ``aux_4``.
     """
 
-    def __init__(self, env: brax_envs.Env, env_name: str):
-        super().__init__(env, env_name)
-        names, parents = env.sys.link_names, env.sys.link_parents
-        self._feet_idx = jnp.array(
-            [i for i, p in enumerate(parents) if p >= 0 and names[p].startswith("aux_")]
-        )
+    def __init__(self, env: brax_envs.Env, body: str, tolerance: float):
+        super().__init__(env, body)
+        self._tolerance = tolerance
+        if body == "ant":
+            names, parents = env.sys.link_names, env.sys.link_parents
+            self._feet_idx = jnp.array(
+                [
+                    i
+                    for i, p in enumerate(parents)
+                    if p >= 0 and names[p].startswith("aux_")
+                ]
+            )
+
+    def _get_feet_contact(self, state) -> jax.Array:
+        contact = state.pipeline_state.contact
+        touching = contact.dist <= self._tolerance
+        feet = jax.vmap(lambda i: (contact.link_idx[1] == i) & touching)
+        return jnp.any(feet(self._feet_idx), axis=-1).astype(jnp.float32)
 
 
 def make_env(env_name: str, episode_length: int, backend: str) -> brax_envs.Env:
@@ -80,8 +99,7 @@ def make_env(env_name: str, episode_length: int, backend: str) -> brax_envs.Env:
         raise LpdError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     body = ENVS[env_name]
     env = brax_envs.get_environment(body, backend=backend, debug=True)
-    wrapper = AntFeetContactWrapper if body == "ant" else FeetContactWrapper
-    env = wrapper(env, body)
+    env = FeetContact(env, body, CONTACT_TOLERANCE[backend])
     return brax_training.EpisodeWrapper(env, episode_length, action_repeat=1)
 
 
@@ -125,14 +143,28 @@ def make_scoring_fn(
     return sharded_scoring_fn
 
 
-def observation_stats(transitions) -> tuple[jax.Array, jax.Array]:
-    """Mean and std ``[obs]`` of the observations of unmasked steps."""
-    valid = 1.0 - get_mask_from_transitions(transitions)
-    obs = transitions.obs
-    weights = valid[..., None] / jnp.sum(valid)
-    mean = jnp.sum(obs * weights, axis=(0, 1))
-    var = jnp.sum(jnp.square(obs - mean) * weights, axis=(0, 1))
-    return mean, jnp.sqrt(var + 1e-8)
+def episodes_scoring_fn(env, policy, episode_length: int, num_episodes: int):
+    """QDax's stochastic Brax scoring function, each policy on ``num_episodes``.
+
+    The env is wrapped in Brax's ``VmapWrapper``, so each policy drives its
+    episodes as one batch (its weights are read once per step for all of
+    them) instead of being copied per episode. Returns and descriptors come
+    out ``[B, num_episodes]`` and ``[B, num_episodes, D]``.
+    """
+    return create_brax_scoring_fn(
+        brax_training.VmapWrapper(env, batch_size=num_episodes),
+        policy,
+        get_feet_contact_proportion,
+        jax.random.key(0),  # Unused: resets are drawn from the call's key.
+        episode_length=episode_length,
+        deterministic=False,
+    )
+
+
+def valid_steps(transitions) -> jax.Array:
+    """1.0 where a step of QDax's ``transitions`` belongs to its episode (up to
+    and including the first done), 0.0 after; the transitions' shape."""
+    return 1.0 - get_mask_from_transitions(transitions)
 
 
 def make_centroids(
@@ -161,7 +193,8 @@ def _register_brax_v1_shim() -> None:
     """Lets QDax 0.5.0's policy-gradient emitters import under brax 0.14.
 
     They import ``qdax.tasks.brax.v1`` only for a type hint, and that package
-    needs ``brax.v1``, which brax 0.14 no longer ships (see shared/stack.md).
+    needs ``brax.v1``, which brax 0.14 no longer ships; registering the v2
+    ``QDEnv`` under the v1 module names satisfies the import.
     """
     names = [
         "qdax.tasks.brax.v1",
@@ -220,67 +253,6 @@ def make_map_elites(scoring_fn: Callable, emitter, qd_offset: float) -> MAPElite
     return MAPElites(scoring_fn, emitter, metrics_fn)
 
 
-def _episodes_scoring_fn(env, policy, episode_length: int, num_episodes: int):
-    """QDax's stochastic Brax scoring function, each policy on ``num_episodes``.
-
-    The env is wrapped in Brax's ``VmapWrapper``, so each policy drives its
-    episodes as one batch (its weights are read once per step for all of
-    them) instead of being copied per episode. Returns and descriptors come
-    out ``[B, num_episodes]`` and ``[B, num_episodes, D]``.
-    """
-    return create_brax_scoring_fn(
-        brax_training.VmapWrapper(env, batch_size=num_episodes),
-        policy,
-        get_feet_contact_proportion,
-        jax.random.key(0),  # Unused: resets are drawn from the call's key.
-        episode_length=episode_length,
-        deterministic=False,
-    )
-
-
-def make_episodes_eval_fn(
-    env: brax_envs.Env,
-    policy,
-    episode_length: int,
-    num_episodes: int,
-    batch_size: int,
-    episode_fraction: bool = False,
-) -> Callable:
-    """``(params [B], key) -> (returns [B], descriptors [B, D])``, traceable.
-
-    Each policy runs ``num_episodes`` episodes from random resets with QDax's
-    Brax scoring function (the one that built the archive, in its stochastic
-    form); returns and descriptors are averaged over the episodes. The batch
-    is sharded over the local devices. Jit it, or call it inside a jitted
-    program. With ``episode_fraction``, a third output ``[B]`` is the mean
-    fraction of the episode's steps taken before it ended (1: never fell).
-    """
-    scoring_fn = _episodes_scoring_fn(env, policy, episode_length, num_episodes)
-    sharding = batch_sharding(batch_size)
-
-    def eval_fn(params, key):
-        params = jax.lax.with_sharding_constraint(params, sharding)
-        returns, descriptors, extra = scoring_fn(params, key)
-        out = returns.mean(axis=1), descriptors.mean(axis=1)
-        if episode_fraction:  # Transitions are [B, T, episodes].
-            alive = 1.0 - get_mask_from_transitions(extra["transitions"])
-            out += (alive.mean(axis=(1, 2)),)
-        return out
-
-    return eval_fn
-
-
-def rollout_bytes_per_policy(env, policy, params, episode_length, num_episodes):
-    """Bytes of the trajectory QDax keeps for one policy's ``num_episodes``.
-
-    Measured by tracing the scoring function on one policy (``params``: leaves
-    ``[1, ...]``), no compile; this is what bounds the evaluation batch.
-    """
-    scoring_fn = _episodes_scoring_fn(env, policy, episode_length, num_episodes)
-    _, _, extra = jax.eval_shape(scoring_fn, params, jax.random.key(0))
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(extra))
-
-
 def fill_archive(fitnesses, descriptors, centroids, fitness_offset: float) -> dict:
     """Inserts scored policies into a fresh QDax archive with ``centroids``.
 
@@ -304,25 +276,3 @@ def fill_archive(fitnesses, descriptors, centroids, fitness_offset: float) -> di
         "cell_fitnesses": repertoire.fitnesses[:, 0],
         **{k: float(v) for k, v in metrics.items()},
     }
-
-
-def collect_observations(scoring_fn: Callable, params, num_obs: int, key):
-    """``[B, num_obs, obs]`` observations sampled from each policy's own rollout.
-
-    ``scoring_fn`` is a QDax scoring function returning ``transitions``; the
-    observations are drawn uniformly (with replacement) from the steps before
-    each episode ended.
-    """
-    key_score, key_pick = jax.random.split(key)
-    _, _, extra = scoring_fn(params, key_score)
-    transitions = extra["transitions"]
-    valid = 1.0 - get_mask_from_transitions(transitions)
-    keys = jax.random.split(key_pick, valid.shape[0])
-
-    def pick(obs, weights, key):
-        idx = jax.random.choice(
-            key, obs.shape[0], (num_obs,), p=weights / weights.sum()
-        )
-        return obs[idx]
-
-    return jax.vmap(pick)(transitions.obs, valid, keys)

@@ -14,9 +14,8 @@ import jax
 import numpy as np
 
 from lpd import evaluation, labels, plots
-from lpd.logs import write_json_atomic
-
-STAGES = ("archive", "codec", "diffusion", "text")
+from lpd import policy as policy_lib
+from lpd.workdir import STAGE_DIRS, stage_dir, write_json, write_text
 
 
 class Results(NamedTuple):
@@ -56,7 +55,7 @@ def model_sizes(gen, flat: dict) -> dict:
         "standardiser": gen.stats,
         "denoiser": gen.denoiser_params,
     }
-    params = {k: sum(int(x.size) for x in jax.tree.leaves(t)) for k, t in trees.items()}
+    params = {k: policy_lib.count_params(t) for k, t in trees.items()}
     nbytes = {
         k: sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(t))
         for k, t in trees.items()
@@ -110,6 +109,7 @@ def summarise(results: Results, centroids, meta: dict, sizes: dict) -> dict:
         "backend": meta["backend"],
         "episode_length": meta["episode_length"],
         "descriptor_names": meta["descriptor_names"],
+        "fitness_offset": offset,
         **sizes,
         **fid(results.generated, results.asked),
         "compression_ratio": sizes["archive_params"] / params["total"],
@@ -151,8 +151,8 @@ def summarise(results: Results, centroids, meta: dict, sizes: dict) -> dict:
 def stage_times(workdir, evaluate_s: float) -> dict:
     """Wall time of each stage, from its ``meta.json`` (None when not recorded)."""
     times = {}
-    for stage in STAGES:
-        path = Path(workdir) / stage / "meta.json"
+    for stage in STAGE_DIRS[:-1]:  # The trained stages; the report is this one.
+        path = stage_dir(workdir, stage) / "meta.json"
         meta = json.loads(path.read_text()) if path.exists() else {}
         times[stage] = meta.get("wall_time_s")
     times["evaluate"] = round(evaluate_s, 1)
@@ -229,11 +229,13 @@ def _text_lines(t: dict) -> list[str]:
 
 
 def _row(label: str, m: dict, compression) -> str:
-    comp = f"{compression:.1f}x"
+    r = evaluation.format_ratio
+    js = "n/a" if m["js_divergence"] is None else f"{m['js_divergence']:.4f}"
+    error = "n/a" if m["measure_error"] is None else f"{m['measure_error']:.3f}"
     return (
-        f"| {label} | {m['reward_ratio']:.3f} | {m['coverage_ratio']:.3f} | "
-        f"{m['qd_score_ratio']:.3f} | {m['js_divergence']:.4f} | "
-        f"{m['measure_error']:.3f} | {comp} |"
+        f"| {label} | {r(m['reward_ratio'])} | {r(m['offset_reward_ratio'])} | "
+        f"{r(m['coverage_ratio'])} | {r(m['qd_score_ratio'])} | {js} | {error} | "
+        f"{compression:.1f}x |"
     )
 
 
@@ -246,11 +248,14 @@ def to_markdown(s: dict) -> str:
         f"{s['episode_length']} steps, the same episodes for every set; "
         f"ratios against the re-evaluated original archive (mean return "
         f"{s['original']['mean_return']:.1f}, {s['original']['filled_cells']} "
-        f"cells). Guidance {s['guidance']:g}, {s['sample_steps']} DDIM steps.",
+        f"cells). Guidance {s['guidance']:g}, {s['sample_steps']} DDIM steps. "
+        f"Reward ratio: mean return over the originals' (the paper's; n/a when "
+        f"theirs is not positive); offset reward ratio: the same on returns plus "
+        f"the task's fitness offset ({s['fitness_offset']:g}, as in the QD score).",
         "",
-        "| policies | reward ratio | coverage ratio | QD-score ratio | JS "
-        "divergence | measure error | compression |",
-        "|---|---|---|---|---|---|---|",
+        "| policies | reward ratio | offset reward ratio | coverage ratio | "
+        "QD-score ratio | JS divergence | measure error | compression |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     rows = [
         ("generated (diffusion)", s, s["compression_ratio"]),
@@ -327,5 +332,5 @@ def write(directory, summary: dict, results: Results, centroids, meta: dict) -> 
         },
         directory / "returns.png",
     )
-    (directory / "report.md").write_text(to_markdown(summary))
-    write_json_atomic(directory / "report.json", summary)
+    write_text(directory / "report.md", to_markdown(summary))
+    write_json(directory / "report.json", summary)

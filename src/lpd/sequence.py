@@ -16,11 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from lpd import archive as archive_lib
-from lpd import archive_io, diffusion_stage, evaluation, plots, render, text_stage
+from lpd import (
+    archive_io,
+    evaluation,
+    generator,
+    plots,
+    render,
+    rollouts,
+    text_stage,
+)
 from lpd import policy as policy_lib
 from lpd.devices import batch_sharding
 from lpd.errors import LpdError
-from lpd.logs import write_json_atomic
+from lpd.workdir import text_dir, write_json
 
 SUCCESS_FRACTION = 0.8  # "Still up": the episode lasted > 80% of its steps.
 
@@ -43,7 +51,7 @@ def chunk_metrics(rewards, contacts, dones, chunks, num_chunks: int) -> dict:
         ``returns [S, K]``, ``descriptors [S, K, D]`` (NaN for a chunk the
         body never reached alive), ``alive_steps [S]``.
     """
-    alive = render.alive_mask(dones).astype(np.float64)
+    alive = rollouts.alive_mask(dones).astype(np.float64)
     onehot = np.eye(num_chunks)[chunks]  # [T, K]
     returns = np.einsum("st,tk->sk", np.asarray(rewards) * alive, onehot)
     steps = np.einsum("st,tk->sk", alive, onehot)
@@ -59,17 +67,17 @@ def chunk_metrics(rewards, contacts, dones, chunks, num_chunks: int) -> dict:
 
 def _alive_contacts(traj) -> np.ndarray:
     """``[S, T, D]`` foot contacts, NaN once the episode has ended."""
-    alive = render.alive_mask(traj["dones"])
+    alive = rollouts.alive_mask(traj["dones"])
     return np.where(alive[..., None], np.asarray(traj["contacts"]), np.nan)
 
 
 def parse_sequence(text: str, meta: dict) -> np.ndarray:
     """``[K, D]`` asks from ``"a,b;c,d;..."``, checked against the env."""
-    rows = [r for r in text.split(";")]
-    if len(rows) < 1 or any(not r.strip() for r in rows):
+    rows = text.split(";")
+    if any(not r.strip() for r in rows):
         raise LpdError(f"--descriptors {text!r}: give descriptors as 'a,b;c,d;...'")
     return np.concatenate(
-        [diffusion_stage.parse_descriptors(r.strip(), None, meta) for r in rows]
+        [generator.parse_descriptors(r.strip(), None, meta) for r in rows]
     )
 
 
@@ -115,7 +123,7 @@ def parse_texts(text: str) -> list[str]:
 def _label_matches(workdir, embeddings, fitnesses) -> tuple:
     """For each prompt embedding, the archive label closest in meaning and
     the best elite carrying it: ``(labels [K], elite indices [K])``."""
-    path = diffusion_stage.text_dir(workdir) / "embeddings.npz"
+    path = text_dir(workdir) / "embeddings.npz"
     with np.load(path) as data:
         texts, label_emb = data["texts"], data["embeddings"]
         pair_elite, pair_text = data["pair_elite"], data["pair_text"]
@@ -127,51 +135,28 @@ def _label_matches(workdir, embeddings, fitnesses) -> tuple:
     return [str(texts[u]) for u in best], np.asarray(picks)
 
 
-def run_sequence(
-    workdir, asked, num_seeds: int, guidance, seed: int, out, texts=None
-) -> dict:
-    """Sequences generated policies and the nearest elites; writes ``out/``.
-
-    ``asked``: descriptors ``[K, D]``; or ``texts``, K prompts for the
-    text-conditioned denoiser, whose baseline is the best elite carrying the
-    archive label closest in meaning (embedding cosine) to each prompt, and
-    whose reference descriptor per chunk is that elite's.
-    ``out/sequence.json`` (per-chunk asked vs achieved, return, success for
-    both), ``out/contacts.png`` (foot contact over time against the asks) and
-    ``out/episode.html`` (seed 0 of the generated sequence).
-    """
-    out = Path(out)
-    if out.exists():
-        raise LpdError(f"{out} already exists; choose another --out or delete it")
-    if num_seeds <= 0:
-        raise LpdError("--seeds must be > 0")
-    guidance = diffusion_stage.picked_guidance(workdir, guidance)
-    gen = diffusion_stage.load_generator(workdir, text=texts is not None)
-    archive, meta = archive_io.load_archive(workdir)
-    idx, elite_flat = archive_io.elites(archive)
+def _asks(workdir, asked, texts, archive, idx):
+    """The conditions, the reference descriptor of each chunk ``[K, D]``, the
+    baseline elite per chunk ``[K]`` and what the summary adds for texts."""
     stored = np.asarray(archive.descriptors)[idx]
-    extra = {}
-    if texts is not None:
-        cond = text_stage.encode_prompts(texts, "--texts")
-        matched, near = _label_matches(
-            workdir, cond, np.asarray(archive.fitnesses).ravel()[idx]
-        )
-        asked = stored[near]
-        extra = {"texts": list(texts), "matched_labels": matched}
-    else:
-        cond = asked
+    if texts is None:
         _, near = evaluation.nearest(jnp.asarray(asked), jnp.asarray(stored))
-        near = np.asarray(near)[:, 0]
-    env, policy = archive_lib.make_task(meta)
-    num_chunks, length = len(asked), int(meta["episode_length"])
-    if num_chunks > length:
-        raise LpdError(f"at most {length} chunks: one step each")
-    chunks = chunk_index(length, num_chunks)
-    key_sample, key_reset = jax.random.split(jax.random.key(seed))
+        return asked, asked, np.asarray(near)[:, 0], {}
+    cond = text_stage.encode_prompts(texts, "--texts")
+    fitnesses = np.asarray(archive.fitnesses).ravel()[idx]
+    matched, near = _label_matches(workdir, cond, fitnesses)
+    return cond, stored[near], near, {"texts": list(texts), "matched_labels": matched}
 
-    sample_fn = diffusion_stage.make_sample_fn(gen)
+
+def _policies(gen, guidance, asks, elite_flat, num_seeds: int, key) -> dict:
+    """Per method, policy parameters with leaves ``[S, K, ...]``: one
+    generated policy per seed and chunk for the conditions, and the baseline
+    elites; ``asks`` is ``(conditions [K, C], baseline elite indices [K])``."""
+    cond, near = asks
+    num_chunks = len(near)
+    sample_fn = generator.make_sample_fn(gen)
     cond = jnp.asarray(np.tile(cond, (num_seeds, 1)), jnp.float32)  # [S * K, C]
-    flat = sample_fn(cond, key_sample, jnp.float32(guidance))
+    flat = sample_fn(cond, key, jnp.float32(guidance))
     generated = jax.tree.map(
         lambda x: x.reshape(num_seeds, num_chunks, *x.shape[1:]),
         policy_lib.unflatten_params(flat),
@@ -182,45 +167,90 @@ def run_sequence(
             for p, x in elite_flat.items()
         }
     )
-    keys = jax.random.split(key_reset, num_seeds)
-    sharding = batch_sharding(num_seeds)  # Seeds spread over the local devices.
+    return {"generated": generated, "nearest_elites": baseline}
+
+
+def _roll_out(env, policy, chunks, methods: dict, keys) -> dict:
+    """Trajectories ``[S, T, ...]`` of each method, seeds sharded over devices."""
+    sharding = batch_sharding(len(keys))
 
     @jax.jit
     def many(params, keys):
         params, keys = jax.lax.with_sharding_constraint((params, keys), sharding)
-        return jax.vmap(lambda p, k: render.rollout(env, policy, p, chunks, k))(
+        return jax.vmap(lambda p, k: rollouts.rollout(env, policy, p, chunks, k))(
             params, keys
         )
 
-    results = {}
-    for name, params in (("generated", generated), ("nearest_elites", baseline)):
-        traj = jax.device_get(many(params, keys))
-        metrics = chunk_metrics(
-            traj["rewards"], traj["contacts"], traj["dones"], chunks, num_chunks
-        )
-        results[name] = (traj, _summarise(metrics, asked, length))
+    return {name: jax.device_get(many(p, keys)) for name, p in methods.items()}
 
+
+def run_sequence(workdir, asked, options: dict, out, texts=None) -> dict:
+    """Sequences generated policies and the nearest elites; writes ``out/``.
+
+    ``asked``: descriptors ``[K, D]``; or ``texts``, K prompts for the
+    text-conditioned denoiser, whose baseline is the best elite carrying the
+    archive label closest in meaning (embedding cosine) to each prompt, and
+    whose reference descriptor per chunk is that elite's. ``options``:
+    ``seeds`` (episodes), ``guidance`` (None: the sweep's pick), ``seed``.
+    ``out/sequence.json`` (per-chunk asked vs achieved, return, success for
+    both), ``out/contacts.png`` (foot contact over time against the asks) and
+    ``out/episode.html`` (seed 0 of the generated sequence).
+    """
+    out = Path(out)
+    if out.exists():
+        raise LpdError(f"{out} already exists; choose another --out or delete it")
+    num_seeds = options["seeds"]
+    if num_seeds <= 0:
+        raise LpdError(f"--seeds must be > 0, got {num_seeds}")
+    guidance = generator.picked_guidance(workdir, options["guidance"])
+    gen = generator.load_generator(workdir, text=texts is not None)
+    archive, meta = archive_io.load_archive(workdir)
+    idx, elite_flat = archive_io.elites(archive)
+    cond, reference, near, extra = _asks(workdir, asked, texts, archive, idx)
+    env, policy = archive_lib.make_task(meta)
+    num_chunks, length = len(reference), int(meta["episode_length"])
+    if num_chunks > length:
+        raise LpdError(f"at most {length} chunks: one step each")
+    chunks = chunk_index(length, num_chunks)
+    key_sample, key_reset = jax.random.split(jax.random.key(options["seed"]))
+    methods = _policies(gen, guidance, (cond, near), elite_flat, num_seeds, key_sample)
+    keys = jax.random.split(key_reset, num_seeds)
+    trajectories = _roll_out(env, policy, chunks, methods, keys)
+    summaries = {
+        name: _summarise(
+            chunk_metrics(
+                traj["rewards"], traj["contacts"], traj["dones"], chunks, num_chunks
+            ),
+            reference,
+            length,
+        )
+        for name, traj in trajectories.items()
+    }
     out.mkdir(parents=True)
     summary = {
         **extra,
-        "asked": np.float64(asked).round(4).tolist(),
+        "asked": np.float64(reference).round(4).tolist(),
         "chunk_steps": np.bincount(chunks).tolist(),
         "seeds": num_seeds,
         "guidance": guidance,
         "success_threshold_steps": SUCCESS_FRACTION * length,
         "descriptor_names": meta["descriptor_names"],
-        "nearest_elite_descriptors": np.float64(stored[near]).round(4).tolist(),
-        **{name: s for name, (_, s) in results.items()},
+        "nearest_elite_descriptors": np.float64(
+            np.asarray(archive.descriptors)[idx][near]
+        )
+        .round(4)
+        .tolist(),
+        **summaries,
     }
-    write_json_atomic(out / "sequence.json", summary)
+    write_json(out / "sequence.json", summary)
     plots.plot_sequence_contacts(
-        {name: _alive_contacts(traj) for name, (traj, _) in results.items()},
-        asked,
+        {name: _alive_contacts(traj) for name, traj in trajectories.items()},
+        reference,
         chunks,
         meta["descriptor_names"],
         out / "contacts.png",
     )
-    first = jax.tree.map(lambda x: x[0], generated)
+    first = jax.tree.map(lambda x: x[0], methods["generated"])
     render.write_html(env, policy, first, chunks, keys[0], out / "episode.html")
     return summary
 

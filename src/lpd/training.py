@@ -9,13 +9,47 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from lpd import checkpoints
 from lpd.errors import LpdError
 from lpd.logs import MetricsWriter
+from lpd.workdir import StageClock
 
 log = logging.getLogger(__name__)
+
+
+def make_optimizer(
+    learning_rate: float,
+    warmup_steps: int,
+    num_steps: int,
+    weight_decay: float,
+    grad_clip: float,
+) -> optax.GradientTransformation:
+    """AdamW with linear warm-up, cosine decay and global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup_steps, max(num_steps, warmup_steps + 1)
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(schedule, weight_decay=weight_decay),
+    )
+
+
+def check_schedule(c, section: str) -> None:
+    """One-line errors for a section's steps, chunking and optimiser numbers."""
+    if c.num_steps <= 0 or c.log_period <= 0 or c.num_steps % c.log_period:
+        raise LpdError(
+            f"{section}.num_steps ({c.num_steps}) must be a positive multiple of "
+            f"{section}.log_period ({c.log_period})"
+        )
+    for name in ("learning_rate", "grad_clip"):
+        if name in c and c[name] <= 0:
+            raise LpdError(f"{section}.{name} must be > 0, got {c[name]}")
+    for name in ("warmup_steps", "weight_decay"):
+        if name in c and c[name] < 0:
+            raise LpdError(f"{section}.{name} must be >= 0, got {c[name]}")
 
 
 def scan_steps(train_step: Callable, num_steps: int) -> Callable:
@@ -41,9 +75,9 @@ def run_chunks(
     directory: Path,
     init_state: Callable[[], dict],
     chunk_fn: Callable,
-    num_steps: int,
-    log_period: int,
+    steps: tuple[int, int],
     stage: str,
+    section: str,
 ):
     """Trains from step 0, or from the last checkpoint, to ``num_steps``.
 
@@ -53,12 +87,16 @@ def run_chunks(
             ``eval_shape`` to restore a checkpoint against.
         chunk_fn: ``(state, start_step) -> (state, metrics)`` running
             ``log_period`` steps; ``metrics`` holds scalars, ``loss`` among them.
-        num_steps, log_period: total steps and steps per chunk.
+        steps: ``(num_steps, log_period)``, total steps and steps per chunk.
         stage: name for the progress bar, log lines and errors.
+        section: the config section whose optimiser settings a diverging
+            loss should make the user change.
 
     Returns:
         The final state.
     """
+    num_steps, log_period = steps
+    clock = StageClock(directory)
     with checkpoints.checkpoint_manager(directory) as manager:
         start = manager.latest_step()
         if start is None:
@@ -78,10 +116,12 @@ def run_chunks(
                 if not np.isfinite(metrics["loss"]):
                     raise LpdError(
                         f"{stage}: loss is {metrics['loss']} at step {end}; lower "
-                        f"the learning rate or raise grad_clip in config.{stage}, "
-                        f"then delete {directory} and rerun"
+                        f"config.{section}.learning_rate or raise "
+                        f"config.{section}.grad_clip, then delete {directory} "
+                        "and rerun"
                     )
                 checkpoints.save(manager, end, state)
+                clock.save()
                 writer.write(end, metrics)
                 shown = {k: v for k, v in metrics.items() if "/" not in k}
                 bar.set_postfix({k: f"{v:.4g}" for k, v in sorted(shown.items())})
