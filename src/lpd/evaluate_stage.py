@@ -55,6 +55,31 @@ STAGE_KEY = 3
 ROLLOUT_MEMORY_FACTOR = 3  # Working memory of a rollout / its stored trajectory.
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+    """One-line errors for a ``config.evaluate`` that cannot run."""
+    c = config.evaluate
+    if c.episodes <= 0 or c.text_samples <= 0:
+        raise LpdError("evaluate.episodes and evaluate.text_samples must be > 0")
+    if c.batch_size < 0 or c.uniform_conditions < 0:
+        raise LpdError(
+            "evaluate.batch_size and evaluate.uniform_conditions must be >= 0"
+        )
+    if not 0 < c.memory_fraction <= 1:
+        raise LpdError("evaluate.memory_fraction must lie in (0, 1]")
+
+
+class Scoring(NamedTuple):
+    """What every scored set shares: one protocol, one batch size, one cache."""
+
+    batch: int
+    parts: Path  # Per-set caches of batch results, for resuming.
+    score: Callable  # (flat params [B], key) -> (returns [B], achieved [B, D]).
+    generate: Callable  # (descriptors [B, D], key) -> generate fn's outputs.
+    text_generate: Callable  # (embeddings [B, 384], key) -> the same.
+    decode: Callable  # (unit-variance latents [B, L], key) -> flat params [B].
+    elites: jax.Array  # [N, P] the elites' parameters as vectors.
+
+
 def memory_budget(fraction: float) -> float:
     """Bytes the evaluation may fill: ``fraction`` of all local device memory.
 
@@ -144,31 +169,6 @@ def _parts_dir(directory: Path, batch: int) -> Path:
     parts.mkdir(parents=True, exist_ok=True)
     write_json(stamp, {"batch_size": batch})
     return parts
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """One-line errors for a ``config.evaluate`` that cannot run."""
-    c = config.evaluate
-    if c.episodes <= 0 or c.text_samples <= 0:
-        raise LpdError("evaluate.episodes and evaluate.text_samples must be > 0")
-    if c.batch_size < 0 or c.uniform_conditions < 0:
-        raise LpdError(
-            "evaluate.batch_size and evaluate.uniform_conditions must be >= 0"
-        )
-    if not 0 < c.memory_fraction <= 1:
-        raise LpdError("evaluate.memory_fraction must lie in (0, 1]")
-
-
-class Scoring(NamedTuple):
-    """What every scored set shares: one protocol, one batch size, one cache."""
-
-    batch: int
-    parts: Path  # Per-set caches of batch results, for resuming.
-    score: Callable  # (flat params [B], key) -> (returns [B], achieved [B, D]).
-    generate: Callable  # (descriptors [B, D], key) -> generate fn's outputs.
-    text_generate: Callable  # (embeddings [B, 384], key) -> the same.
-    decode: Callable  # (unit-variance latents [B, L], key) -> flat params [B].
-    elites: jax.Array  # [N, P] the elites' parameters as vectors.
 
 
 def _batch_size(c, env, policy, flat, meta) -> int:
