@@ -34,6 +34,7 @@ def get_config(env: str = "walker2d_uni") -> ml_collections.ConfigDict:
         row_features=16,
         basis_dim=4,
         functional_weight=1.0,
+        visit_period=20,  # One visit of the decoded policies' states, mid-run.
         num_steps=40,
         log_period=20,
         batch_size=8,

@@ -67,9 +67,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in positive:
         if c[name] <= 0:
             raise LpdError(f"codec.{name} must be > 0, got {c[name]}")
-    for name in ("basis_dim", "kl_weight", "input_noise", "latent_noise"):
+    for name in (
+        "basis_dim",
+        "kl_weight",
+        "input_noise",
+        "latent_noise",
+        "obs_episodes",
+        "visit_period",
+    ):
         if c[name] < 0:
             raise LpdError(f"codec.{name} must be >= 0, got {c[name]}")
+    if c.visit_period % c.log_period:
+        raise LpdError(
+            f"codec.visit_period ({c.visit_period}) must be a multiple of "
+            f"codec.log_period ({c.log_period})"
+        )
+    if c.visit_period and c.functional_weight <= 0:
+        raise LpdError("codec.visit_period needs codec.functional_weight > 0")
     if c.functional_weight < 0:
         raise LpdError(
             f"codec.functional_weight must be >= 0, got {c.functional_weight}"
@@ -101,7 +115,20 @@ def run_codec_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "config.json", config_dict)
 
-    params = _train(c, model, policy, stats, data, (key_init, key_train), directory)
+    refresh = None
+    if c.visit_period:
+        key_visit = jax.random.fold_in(key_obs, 1)
+        visit = _make_visit(c, (model, policy, stats), env, archive_meta)
+        originals = policy_lib.unflatten_params(flat)
+        refresh = lambda params, start: evaluation.map_in_batches(
+            lambda b, k: visit(b, k, params),
+            {"inputs": data.inputs, "original": originals},
+            c.eval_batch_size,
+            jax.random.fold_in(key_visit, start),
+        )
+    params = _train(
+        c, (model, policy, stats), data, (key_init, key_train), directory, refresh
+    )
     checkpoints.save_tree(directory / "model", {"params": params, "stats": stats})
     scale = _write_latents(model, params, data, archive, idx, directory)
     report = reconstruction_report(
@@ -130,9 +157,12 @@ def run_codec_stage(config: ml_collections.ConfigDict, workdir) -> Path:
 
 
 def _behaviour_data(c, archive_meta, env, policy, flat, key):
-    """Observations from each elite's own rollout and its actions there.
+    """Observations from each elite's own rollouts and its actions there.
 
-    Without the functional loss term, placeholders of one zero observation.
+    The rollouts are ``c.obs_episodes`` random-reset episodes per elite (the
+    evaluation's kind), or with 0 the one episode from the archive's fixed
+    start state. Without the functional loss term, placeholders of one zero
+    observation.
     """
     num = next(iter(flat.values())).shape[0]
     if c.functional_weight <= 0:
@@ -140,10 +170,15 @@ def _behaviour_data(c, archive_meta, env, policy, flat, key):
         act_size = archive_meta["policy"]["action_size"]
         return jnp.zeros((num, 1, obs_size)), jnp.zeros((num, 1, act_size))
     key_reset, key_collect = jax.random.split(key)
-    batch = c.eval_batch_size
-    scoring_fn = qd.make_scoring_fn(
-        env, policy, archive_meta["episode_length"], key_reset, batch_sharding(batch)
-    )
+    batch, length = c.eval_batch_size, archive_meta["episode_length"]
+    sharding = batch_sharding(batch)
+    if c.obs_episodes:
+        episodes = qd.episodes_scoring_fn(env, policy, length, c.obs_episodes)
+        scoring_fn = lambda p, k: episodes(
+            jax.lax.with_sharding_constraint(p, sharding), k
+        )
+    else:
+        scoring_fn = qd.make_scoring_fn(env, policy, length, key_reset, sharding)
 
     @jax.jit
     def collect(params, key):
@@ -157,8 +192,35 @@ def _behaviour_data(c, archive_meta, env, policy, flat, key):
     return jnp.asarray(obs), jnp.asarray(actions)
 
 
-def _train(c, model, policy, stats, data, keys, directory):
-    """Runs (or resumes) training in jitted chunks; returns the final params."""
+def _make_visit(c, task, env, archive_meta):
+    """Jitted ``(batch {"inputs" [B, ...], "original" params [B]}, key, codec
+    params) -> (obs [B, K, O], actions [B, K, A])``: states the *decoded*
+    policies visit in a random-reset episode each, labelled with the original
+    elites' actions there (DAgger's data)."""
+    model, policy, stats = task
+    length = archive_meta["episode_length"]
+    sharding = batch_sharding(c.eval_batch_size)
+    episodes = qd.episodes_scoring_fn(env, policy, length, 1)
+    score = lambda p, k: episodes(jax.lax.with_sharding_constraint(p, sharding), k)
+
+    def visit(batch, key, params):
+        decoded = jax.vmap(lambda x: model.apply(params, x))(batch["inputs"])
+        decoded = policy_lib.unflatten_params(codec_lib.unstandardise(stats, decoded))
+        obs = rollouts.collect_observations(score, decoded, c.obs_per_policy, key)
+        return obs, jax.vmap(policy.apply)(batch["original"], obs)
+
+    return jax.jit(visit)
+
+
+def _train(c, task, data, keys, directory, refresh=None):
+    """Runs (or resumes) training in jitted chunks; returns the final params.
+
+    ``task`` is ``(model, policy, stats)``. With ``refresh(params, step) ->
+    (obs, actions)``, every ``c.visit_period`` steps the action-matching term
+    also covers the states the decoded policies visit (kept in the
+    checkpointed state, so a resumed run repeats an uninterrupted one).
+    """
+    model, policy, stats = task
     key_init, key_train = keys
     optimizer = training.make_optimizer(
         c.learning_rate, c.warmup_steps, c.num_steps, c.weight_decay, c.grad_clip
@@ -173,13 +235,29 @@ def _train(c, model, policy, stats, data, keys, directory):
 
     def init_state():
         params = model.init(key_init, example)
-        return {"params": params, "opt_state": optimizer.init(params)}
+        state = {"params": params, "opt_state": optimizer.init(params)}
+        if refresh is not None:  # Until the first visit: the elites' own states.
+            state["visited"] = (jnp.copy(data.obs), jnp.copy(data.actions))
+        return state
 
     def run_chunk(state, start):
-        state, metrics = chunk_fn(
-            codec_train.TrainState(**state), (data, stats), start, key_train
+        train_data = data
+        if refresh is not None:
+            if start and start % c.visit_period == 0:
+                visited = refresh(state["params"], int(start))
+                state["visited"] = tuple(jnp.asarray(x) for x in visited)
+            obs, actions = state["visited"]
+            train_data = data.replace(
+                obs=jnp.concatenate([data.obs, obs], axis=1),
+                actions=jnp.concatenate([data.actions, actions], axis=1),
+            )
+        trained, metrics = chunk_fn(
+            codec_train.TrainState(state["params"], state["opt_state"]),
+            (train_data, stats),
+            start,
+            key_train,
         )
-        return state._asdict(), metrics
+        return {**state, **trained._asdict()}, metrics
 
     state = training.run_chunks(
         directory,

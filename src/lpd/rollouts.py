@@ -77,17 +77,20 @@ def observation_stats(transitions) -> tuple[jax.Array, jax.Array]:
 
 
 def collect_observations(scoring_fn: Callable, params, num_obs: int, key):
-    """``[B, num_obs, obs]`` observations sampled from each policy's own rollout.
+    """``[B, num_obs, obs]`` observations sampled from each policy's own rollouts.
 
-    ``scoring_fn`` is a QDax scoring function returning ``transitions``; the
+    ``scoring_fn`` is a QDax scoring function returning ``transitions``
+    (``[B, T, ...]``, or ``[B, T, E, ...]`` for E episodes per policy); the
     observations are drawn uniformly (with replacement) from the steps before
     each episode ended.
     """
     key_score, key_pick = jax.random.split(key)
     _, _, extra = scoring_fn(params, key_score)
     transitions = extra["transitions"]
-    valid = qd.valid_steps(transitions)
-    keys = jax.random.split(key_pick, valid.shape[0])
+    num = transitions.obs.shape[0]
+    obs = transitions.obs.reshape(num, -1, transitions.obs.shape[-1])
+    valid = qd.valid_steps(transitions).reshape(num, -1)
+    keys = jax.random.split(key_pick, num)
 
     def pick(obs, weights, key):
         idx = jax.random.choice(
@@ -95,7 +98,7 @@ def collect_observations(scoring_fn: Callable, params, num_obs: int, key):
         )
         return obs[idx]
 
-    return jax.vmap(pick)(transitions.obs, valid, keys)
+    return jax.vmap(pick)(obs, valid, keys)
 
 
 def rollout(env, policy, params, chunks, key, keep_states: bool = False):
