@@ -63,6 +63,7 @@ def make_generator(config, meta):
     return generator.Generator(
         config=config,
         archive_meta=meta,
+        returns=False,
         denoiser=denoiser,
         denoiser_params=denoiser_params,
         schedule=diffusion.cosine_schedule(config.diffusion.num_timesteps),

@@ -193,7 +193,7 @@ def test_clipping_bounds_x0_of_an_epsilon_model():
     t = jnp.full((4,), 99)
     for clip in (None, 3.0):
         eps_fn = diffusion.guided_eps_fn(
-            params, model, schedule, cond, 1.0, "epsilon", clip
+            params, model, schedule, cond, 1.0, "epsilon", clip_x0=clip
         )
         eps, x0 = eps_fn(x, t)
         abar = schedule.alphas_cumprod[99]
@@ -223,3 +223,37 @@ def test_unet_denoiser_shapes_and_null_condition():
     assert outs[(0.0, False)].shape == (16,)
     np.testing.assert_array_equal(outs[(0.0, True)], outs[(1.0, True)])
     assert not np.allclose(outs[(0.0, False)], outs[(1.0, False)])
+
+
+def test_conditioner_groups_drop_independently():
+    # Two groups (a 2-d descriptor and a 1-d return quantile): a dropped
+    # group contributes its null vector whatever its value, a kept one not.
+    model = diffusion.Conditioner(8, (2, 1))
+    cond = jnp.array([0.2, 0.8, 0.0])
+    params = model.init(jax.random.key(0), cond, jnp.array([False, False]))
+    assert set(params["params"]) == {
+        "null",
+        "Dense_0",
+        "Dense_1",
+        "null_1",
+        "Dense_in_1",
+        "Dense_out_1",
+    }
+    other_return = cond.at[2].set(1.0)
+    other_descriptor = cond.at[0].set(0.9)
+    apply = lambda c, d: model.apply(params, c, jnp.asarray(d))
+    np.testing.assert_allclose(
+        apply(cond, [False, True]), apply(other_return, [False, True])
+    )
+    assert not np.allclose(
+        apply(cond, [False, False]), apply(other_return, [False, False])
+    )
+    np.testing.assert_allclose(
+        apply(cond, [True, False]), apply(other_descriptor, [True, False])
+    )
+    np.testing.assert_allclose(
+        apply(cond, True), apply(other_return.at[0].set(0.9), True)
+    )
+    # One group keeps the one-group conditioner's parameter names.
+    one = diffusion.Conditioner(8).init(jax.random.key(0), cond[:2], False)
+    assert set(one["params"]) == {"null", "Dense_0", "Dense_1"}

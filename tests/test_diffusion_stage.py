@@ -166,3 +166,39 @@ def test_checkpoints_from_before_the_conditioner_rename_load(tiny_diffusion, tmp
     assert jax.tree.structure(loaded) == jax.tree.structure(current)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(current), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_return_quantiles_rank_returns_among_descriptor_neighbours():
+    # Two clusters far apart; ranks are within each elite's 3 nearest.
+    descriptors = np.array(
+        [[0.0, 0.0], [0.01, 0.0], [0.02, 0.0], [0.9, 0.9], [0.91, 0.9], [0.92, 0.9]]
+    )
+    returns = np.array([5.0, 1.0, 3.0, 100.0, 300.0, 200.0])
+    q = diffusion_stage.return_quantiles(descriptors, returns, 3)
+    np.testing.assert_allclose(q, [1.0, 0.0, 0.5, 0.0, 1.0, 0.5])
+    conditions, groups = diffusion_stage.training_conditions(descriptors, returns, 3)
+    assert groups == (2, 1) and conditions.shape == (6, 3)
+    np.testing.assert_allclose(conditions[:, 2], q)
+    assert diffusion_stage.training_conditions(descriptors, returns, 0)[1] == ()
+    assert np.all(
+        diffusion_stage.return_quantiles(descriptors[:1], returns[:1], 3) == 1
+    )
+
+
+def test_sample_asks_for_a_return(tiny_diffusion, tmp_path, capsys):
+    import json as json_lib
+
+    out = tmp_path / "top.npz"
+    argv = ["sample", "--workdir", str(tiny_diffusion), "--descriptor", "0.2,0.8"]
+    assert main([*argv, "--num", "3", "--return", "top", "--out", str(out)]) == 0
+    with np.load(out) as data:
+        assert json_lib.loads(str(data["metadata"]))["return"] == 1.0
+        top = data["params/Dense_0/kernel"]
+    plain = tmp_path / "plain.npz"
+    assert main([*argv, "--num", "3", "--out", str(plain)]) == 0
+    with np.load(plain) as data:
+        assert not np.allclose(data["params/Dense_0/kernel"], top)
+    for bad in ("2", "best", "nan"):
+        capsys.readouterr()
+        assert main([*argv, "--return", bad, "--out", str(tmp_path / "x.npz")]) == 2
+        assert "--return" in capsys.readouterr().err

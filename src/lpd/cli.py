@@ -70,6 +70,12 @@ def _add_tools(commands) -> None:
     )
     sample.add_argument("--num", type=int, default=1, help="policies per descriptor")
     sample.add_argument(
+        "--return",
+        dest="return_quantile",
+        help="also ask for a return: 'top' (the best known near each descriptor) "
+        "or a quantile in [0, 1]",
+    )
+    sample.add_argument(
         "--guidance", type=float, help="guidance scale (default: the sweep's pick)"
     )
     sample.add_argument(
@@ -160,6 +166,7 @@ def _sample(args) -> None:
         "eta": args.eta,
         "sampler": args.sampler,
         "seed": args.seed,
+        "return": generator.parse_return(args.return_quantile),
     }
     out, num = generator.sample_to_npz(
         args.workdir, conditions, args.num, options, args.out, texts

@@ -3,12 +3,15 @@
 Pure functions and modules, tested on toy data; the stages
 (``lpd.diffusion_stage``, ``lpd.text_stage``) train and sample with them.
 
-Shapes: latents ``[L]`` per example (``[B, L]`` batched), conditions ``[D]``
-(a descriptor, or a 384-d sentence embedding for the text model),
-timesteps integers in ``[0, T)``. Guidance follows
+Shapes: latents ``[L]`` per example (``[B, L]`` batched), conditions ``[C]``
+(a descriptor, a descriptor and a return quantile, or a 384-d sentence
+embedding for the text model), timesteps integers in ``[0, T)``. A condition
+is made of *groups* (``cond_groups``, their sizes; default one group), each
+replaced by its own learned null vector when dropped, so any group can be
+left out of an ask. Guidance follows
 ``out = out_cond + w * (out_cond - out_uncond)``, so ``w = 0`` is plain
-conditional sampling; the unconditional branch is the learned null
-condition, trained by dropping the condition (``cond_dropout``).
+conditional sampling; the unconditional branch drops every group, trained
+by dropping each group independently (``cond_dropout``).
 """
 
 from __future__ import annotations
@@ -66,18 +69,39 @@ def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
 
 
 class Conditioner(nn.Module):
-    """Condition ``[C]`` (a descriptor, or a sentence embedding) -> conditioning
-    vector ``[features]`` (a learned two-layer projection), or the learned null
-    vector where ``drop`` is true."""
+    """Condition ``[C]`` -> conditioning vector ``[features]``: the sum over the
+    condition's groups of a learned two-layer projection of the group, or of
+    the group's learned null vector where ``drop`` ``[G]`` (or a scalar, for
+    every group) is true.
+
+    Attributes:
+        features: output size.
+        groups: sizes of the groups, summing to C; empty: one group.
+    """
 
     features: int
+    groups: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, cond: jax.Array, drop: jax.Array) -> jax.Array:
-        null = self.param("null", nn.initializers.normal(0.02), (self.features,))
-        h = nn.gelu(nn.Dense(self.features)(cond))
-        h = nn.Dense(self.features)(h)
-        return jnp.where(drop, null, h)
+        sizes = self.groups or (cond.shape[-1],)
+        drop = jnp.broadcast_to(drop, (len(sizes),))
+        out, start = 0.0, 0
+        for g, size in enumerate(sizes):
+            # Group 0 keeps the names of the one-group conditioner.
+            names = (
+                ("null", "Dense_0", "Dense_1")
+                if g == 0
+                else (f"null_{g}", f"Dense_in_{g}", f"Dense_out_{g}")
+            )
+            null = self.param(names[0], nn.initializers.normal(0.02), (self.features,))
+            h = nn.gelu(
+                nn.Dense(self.features, name=names[1])(cond[start : start + size])
+            )
+            h = nn.Dense(self.features, name=names[2])(h)
+            out = out + jnp.where(drop[g], null, h)
+            start += size
+        return out
 
 
 class AdaLNBlock(nn.Module):
@@ -109,6 +133,7 @@ class Denoiser(nn.Module):
     width: int = 64
     depth: int = 3
     num_heads: int = 4
+    cond_groups: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, x, t, cond, drop):
@@ -123,7 +148,8 @@ class Denoiser(nn.Module):
         c = nn.Dense(self.width)(
             nn.silu(nn.Dense(self.width)(timestep_embedding(t, self.width)))
         )
-        c = c + Conditioner(self.width, name="conditioner")(cond, drop)
+        conditioner = Conditioner(self.width, self.cond_groups, name="conditioner")
+        c = c + conditioner(cond, drop)
         for _ in range(self.depth):
             tokens = AdaLNBlock(self.width, self.num_heads)(tokens, c)
         shift, scale = jnp.split(
@@ -161,6 +187,7 @@ class UNet1D(nn.Module):
     latent_dim: int
     channels: tuple[int, ...] = (32, 64)
     width: int = 64
+    cond_groups: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, x, t, cond, drop):
@@ -168,7 +195,8 @@ class UNet1D(nn.Module):
             raise ValueError("latent_dim must be divisible by 2 ** len(channels)")
         time = timestep_embedding(t, self.width)
         c = nn.Dense(self.width)(nn.silu(nn.Dense(self.width)(time)))
-        c = c + Conditioner(self.width, name="conditioner")(cond, drop)
+        conditioner = Conditioner(self.width, self.cond_groups, name="conditioner")
+        c = c + conditioner(cond, drop)
         h = nn.Conv(self.channels[0], (3,))(x[:, None])
         skips = []
         for channels in self.channels:
@@ -186,17 +214,19 @@ class UNet1D(nn.Module):
 
 
 def diffusion_loss(params, model, schedule, x0, cond, key, prediction, cond_dropout):
-    """DDPM objective on ``x0 [B, L]`` with conditions ``cond [B, D]``.
+    """DDPM objective on ``x0 [B, L]`` with conditions ``cond [B, C]``.
 
-    Each example gets a uniform timestep, Gaussian noise, and its condition
-    dropped (replaced by the null condition) with probability ``cond_dropout``.
-    ``prediction`` is "epsilon" or "v".
+    Each example gets a uniform timestep, Gaussian noise, and each group of
+    its condition dropped (replaced by that group's null vector) with
+    probability ``cond_dropout``, independently. ``prediction`` is "epsilon"
+    or "v".
     """
     key_t, key_noise, key_drop = jax.random.split(key, 3)
     batch = x0.shape[0]
     t = jax.random.randint(key_t, (batch,), 0, schedule.num_timesteps)
     noise = jax.random.normal(key_noise, x0.shape)
-    drop = jax.random.bernoulli(key_drop, cond_dropout, (batch,))
+    groups = max(1, len(model.cond_groups))
+    drop = jax.random.bernoulli(key_drop, cond_dropout, (batch, groups))
     xt = add_noise(schedule, x0, t, noise)
     out = jax.vmap(lambda *a: model.apply(params, *a))(xt, t, cond, drop)
     if prediction == "epsilon":
@@ -208,9 +238,13 @@ def diffusion_loss(params, model, schedule, x0, cond, key, prediction, cond_drop
 
 
 def guided_eps_fn(
-    params, model, schedule, cond, guidance, prediction, clip_x0=None
+    params, model, schedule, cond, guidance, prediction, keep=None, clip_x0=None
 ) -> Callable:
     """``eps_fn(x [B, L], t [B]) -> (eps, x0)`` with classifier-free guidance.
+
+    The conditional branch sees the groups of ``cond [B, C]`` that ``keep``
+    ``[B, G]`` marks (default: all) and the null vector for the others; the
+    unconditional branch drops every group.
 
     With epsilon prediction, ``x0 = (x - sqrt(1 - abar) eps) / sqrt(abar)``
     amplifies the model's error where ``abar`` is near zero (the first
@@ -221,7 +255,8 @@ def guided_eps_fn(
     def eps_fn(x, t):
         batch = x.shape[0]
         run = jax.vmap(lambda *a: model.apply(params, *a))
-        out_c = run(x, t, cond, jnp.zeros(batch, bool))
+        dropped = jnp.zeros(batch, bool) if keep is None else ~keep
+        out_c = run(x, t, cond, dropped)
         out_u = run(x, t, cond, jnp.ones(batch, bool))
         out = out_c + guidance * (out_c - out_u)
         abar = schedule.alphas_cumprod[t][:, None]

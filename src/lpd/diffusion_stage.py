@@ -49,9 +49,37 @@ def validate(config: ml_collections.ConfigDict, latent_dim: int) -> None:
     diffusion_train.validate(c, latent_dim)
     if not c.sweep_guidance or any(g < 0 for g in c.sweep_guidance):
         raise LpdError("diffusion.sweep_guidance must list scales >= 0")
+    if c.return_neighbours < 0:
+        raise LpdError("diffusion.return_neighbours must be >= 0")
     for name in ("sweep_conditions", "sweep_episodes", "sweep_batch_size"):
         if c[name] <= 0:
             raise LpdError(f"diffusion.{name} must be > 0, got {c[name]}")
+
+
+def return_quantiles(descriptors, returns, num_neighbours: int) -> np.ndarray:
+    """``[N]`` each elite's return rank among its ``num_neighbours`` nearest
+    elites in descriptor space (itself included), scaled to ``[0, 1]``: 1 is
+    the best return known near that gait, 0 the worst."""
+    descriptors = np.asarray(descriptors, np.float32)
+    k = min(num_neighbours, len(descriptors))
+    if k < 2:
+        return np.ones(len(descriptors), np.float32)
+    _, near = evaluation.nearest(descriptors, descriptors, k=k)
+    neighbour_returns = np.asarray(returns)[np.asarray(near)]  # [N, k]
+    below = (neighbour_returns < np.asarray(returns)[:, None]).sum(axis=1)
+    return (below / (k - 1)).astype(np.float32)
+
+
+def training_conditions(descriptors, returns, num_neighbours: int):
+    """The denoiser's conditions ``[N, C]`` and their groups: the descriptor,
+    and with ``num_neighbours > 0`` its return quantile
+    (:func:`return_quantiles`) as a second group, dropped independently."""
+    descriptors = np.asarray(descriptors, np.float32)
+    if not num_neighbours:
+        return descriptors, ()
+    quantiles = return_quantiles(descriptors, returns, num_neighbours)
+    groups = (descriptors.shape[1], 1)
+    return np.concatenate([descriptors, quantiles[:, None]], axis=1), groups
 
 
 def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
@@ -65,20 +93,22 @@ def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     c = config.diffusion
     data = codec_stage.load_latents(workdir)
     latents = jnp.asarray(data["latents"])
-    descriptors = jnp.asarray(data["descriptors"])
     validate(config, latents.shape[1])
+    conditions, groups = training_conditions(
+        data["descriptors"], data["fitnesses"], c.return_neighbours
+    )
     key = jax.random.fold_in(jax.random.key(config.seed), STAGE_KEY)
     key_init, key_train, key_sweep = jax.random.split(key, 3)
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "config.json", config_dict)
 
     ema = diffusion_train.train_denoiser(
+        diffusion_train.make_denoiser(c, latents.shape[1], groups),
         c,
-        (latents, descriptors),
+        (latents, jnp.asarray(conditions)),
         (key_init, key_train),
         directory,
-        (c.num_steps, c.log_period),
-        "diffusion",
+        (c.num_steps, c.log_period, "diffusion"),
     )
     checkpoints.save_tree(directory / "model", {"ema": ema})
     sweep = guidance_sweep(config, workdir, key_sweep)

@@ -21,11 +21,15 @@ ARCHITECTURES = ("transformer", "unet")
 PREDICTIONS = ("epsilon", "v")
 
 
-def make_denoiser(c: ml_collections.ConfigDict, latent_dim: int):
-    """The transformer (default) or 1-D U-Net denoiser of ``config.diffusion``."""
+def make_denoiser(c: ml_collections.ConfigDict, latent_dim: int, cond_groups=()):
+    """The transformer (default) or 1-D U-Net denoiser of ``config.diffusion``,
+    for conditions made of groups of sizes ``cond_groups`` (empty: one)."""
     if c.architecture == "unet":
         return diffusion_lib.UNet1D(
-            latent_dim=latent_dim, channels=tuple(c.unet_channels), width=c.width
+            latent_dim=latent_dim,
+            channels=tuple(c.unet_channels),
+            width=c.width,
+            cond_groups=tuple(cond_groups),
         )
     return diffusion_lib.Denoiser(
         latent_dim=latent_dim,
@@ -33,6 +37,7 @@ def make_denoiser(c: ml_collections.ConfigDict, latent_dim: int):
         width=c.width,
         depth=c.depth,
         num_heads=c.num_heads,
+        cond_groups=tuple(cond_groups),
     )
 
 
@@ -106,21 +111,21 @@ def make_train_chunk(model, schedule, optimizer, c, num_steps):
     return training.scan_steps(train_step, num_steps)
 
 
-def train_denoiser(c, data, keys, directory: Path, steps, stage: str) -> dict:
-    """Trains (or resumes) a denoiser on ``data``; returns the EMA parameters.
+def train_denoiser(model, c, data, keys, directory: Path, steps) -> dict:
+    """Trains (or resumes) ``model`` on ``data``; returns the EMA parameters.
 
     Args:
-        c: ``config.diffusion`` (architecture, optimiser, batch, dropout, EMA).
+        model: the denoiser (:func:`make_denoiser`).
+        c: ``config.diffusion`` (optimiser, batch, dropout, EMA).
         data: ``(latents [N, L], conditions [N, C])``, on device.
         keys: ``(key_init, key_train)``.
         directory: the stage's directory (checkpoints, metrics).
-        steps: ``(num_steps, log_period)`` of this stage.
-        stage: the stage's name, for the progress bar and errors.
+        steps: ``(num_steps, log_period, stage name)``; the name is for the
+            progress bar and errors.
     """
     latents, conditions = data
     key_init, key_train = keys
-    num_steps, log_period = steps
-    model = make_denoiser(c, latents.shape[1])
+    num_steps, log_period, stage = steps
     schedule = diffusion_lib.cosine_schedule(c.num_timesteps)
     optimizer = training.make_optimizer(
         c.learning_rate, c.warmup_steps, num_steps, c.weight_decay, c.grad_clip

@@ -46,10 +46,15 @@ LEGACY_CONDITIONER = "DescriptorConditioner_0"
 
 
 class Generator(NamedTuple):
-    """Everything needed to turn conditions into policy parameters."""
+    """Everything needed to turn conditions into policy parameters.
+
+    ``returns``: whether the denoiser also takes a return quantile (a second
+    condition group, which an ask may leave out).
+    """
 
     config: ml_collections.ConfigDict
     archive_meta: dict
+    returns: bool
     denoiser: diffusion_lib.Denoiser
     denoiser_params: dict
     schedule: diffusion_lib.Schedule
@@ -101,10 +106,12 @@ def load_generator(workdir, text: bool = False) -> Generator:
     config = ml_collections.ConfigDict(_read_json(directory / "config.json", command))
     archive_meta = archive_io.load_meta(workdir)
     codec_meta = _read_json(codec_dir(workdir) / "meta.json", "train-codec")
+    dims = len(archive_meta["descriptor_names"])
+    returns = not text and bool(config.diffusion.get("return_neighbours", 0))
     try:
         codec = codec_stage.make_model(config.codec, archive_meta["layout"])
         denoiser = diffusion_train.make_denoiser(
-            config.diffusion, codec_meta["latent_dim"]
+            config.diffusion, codec_meta["latent_dim"], (dims, 1) if returns else ()
         )
     except (AttributeError, KeyError) as e:
         raise LpdError(
@@ -118,7 +125,7 @@ def load_generator(workdir, text: bool = False) -> Generator:
     codec_template = jax.eval_shape(codec.init, jax.random.key(0), flat_template)
     stats_template = codec_lib.Standardiser(flat_template, flat_template)
     latent = jax.ShapeDtypeStruct((codec_meta["latent_dim"],), jnp.float32)
-    cond_dim = TEXT_DIM if text else len(archive_meta["descriptor_names"])
+    cond_dim = TEXT_DIM if text else dims + returns
     cond = jax.ShapeDtypeStruct((cond_dim,), jnp.float32)
     denoiser_template = jax.eval_shape(
         denoiser.init, jax.random.key(0), latent, 0, cond, False
@@ -131,6 +138,7 @@ def load_generator(workdir, text: bool = False) -> Generator:
     return Generator(
         config=config,
         archive_meta=archive_meta,
+        returns=returns,
         denoiser=denoiser,
         denoiser_params=_load_denoiser_params(directory / "model", denoiser_template),
         schedule=diffusion_lib.cosine_schedule(config.diffusion.num_timesteps),
@@ -149,10 +157,15 @@ def decode_latents(gen: Generator, z) -> dict:
 
 
 def make_sample_fn(gen: Generator, steps=None, eta=None, sampler="ddim") -> callable:
-    """Jitted ``(conditions [B, C], key, guidance) -> flat params {path: [B, ...]}``.
+    """Jitted ``(conditions [B, C], key, guidance, returns=None) -> flat params
+    {path: [B, ...]}``.
 
-    ``steps`` and ``eta`` default to ``config.diffusion``'s. The guidance
-    scale is an argument, so one compile serves every scale.
+    ``conditions`` are descriptors (or, for the text model, embeddings);
+    ``returns`` ``[B]`` asks for return quantiles as well (1: the best return
+    known near each descriptor; see :func:`lpd.diffusion_stage.return_quantiles`),
+    left out where NaN, or everywhere when None (which compiles apart from an
+    array). ``steps`` and ``eta`` default to ``config.diffusion``'s.
+    The guidance scale is an argument, so one compile serves every scale.
     """
     c = gen.config.diffusion
     steps = c.sample_steps if steps is None else steps
@@ -165,13 +178,29 @@ def make_sample_fn(gen: Generator, steps=None, eta=None, sampler="ddim") -> call
         raise LpdError(f"--eta must be >= 0, got {eta}")
     prediction = c.prediction
 
-    def sample(cond, key, guidance):
+    def sample(cond, key, guidance, returns=None):
         chex.assert_rank(cond, 2)
+        batch = cond.shape[0]
+        keep = None
+        if gen.returns:  # The return group: asked for, or left out (NaN).
+            if returns is None:
+                returns = jnp.full(batch, jnp.nan)
+            asked = jnp.isfinite(returns)
+            quantiles = jnp.where(asked, returns, 0.0)
+            cond = jnp.concatenate([cond, quantiles[:, None]], axis=1)
+            keep = jnp.stack([jnp.ones(batch, bool), asked], axis=1)
+        elif returns is not None:
+            raise LpdError("this denoiser was trained without return conditioning")
         key_noise, key_sample = jax.random.split(key)
-        latent_dim = gen.codec.latent_dim
-        x_T = jax.random.normal(key_noise, (cond.shape[0], latent_dim))
+        x_T = jax.random.normal(key_noise, (batch, gen.codec.latent_dim))
         eps_fn = diffusion_lib.guided_eps_fn(
-            gen.denoiser_params, gen.denoiser, gen.schedule, cond, guidance, prediction
+            gen.denoiser_params,
+            gen.denoiser,
+            gen.schedule,
+            cond,
+            guidance,
+            prediction,
+            keep,
         )
         if sampler == "ddim":
             z = diffusion_lib.ddim_sample(
@@ -249,6 +278,21 @@ def check_descriptors(rows, meta: dict, what: str) -> np.ndarray:
     return rows.astype(np.float32)
 
 
+def parse_return(text: str | None) -> float | None:
+    """``--return``: None, "top" (1.0) or a quantile in ``[0, 1]``."""
+    if text is None:
+        return None
+    if text.strip().lower() == "top":
+        return 1.0
+    try:
+        value = check_finite(text, "--return")
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise LpdError(f"--return must be 'top' or a quantile in [0, 1], got {text!r}")
+    return value
+
+
 def picked_guidance(workdir, guidance: float | None) -> float:
     """``guidance``, or when None the scale the diffusion stage's sweep picked.
 
@@ -285,10 +329,11 @@ def sample_to_npz(workdir, conditions, num, options: dict, out, texts=None):
     ``conditions`` are descriptors ``[K, D]``, or with ``texts`` (K prompts)
     their embeddings ``[K, 384]`` for the text-conditioned denoiser.
     ``options``: ``guidance`` (None: the sweep's pick), ``steps`` (None: the
-    config's), ``eta``, ``sampler``, ``seed``. Policies are generated
-    :data:`CHUNK_BYTES` at a time. Keys: the policy leaves ``params/...``
-    ``[K * num, ...]``, the asked ``descriptors`` ``[K * num, D]`` or ``texts``
-    ``[K * num]``, and ``metadata`` (JSON string).
+    config's), ``eta``, ``sampler``, ``seed`` and optionally ``return`` (a
+    return quantile asked with every descriptor; absent or None: none).
+    Policies are generated :data:`CHUNK_BYTES` at a time. Keys: the policy
+    leaves ``params/...`` ``[K * num, ...]``, the asked ``descriptors``
+    ``[K * num, D]`` or ``texts`` ``[K * num]``, and ``metadata`` (JSON).
     """
     out = check_out(out, ".npz")
     if num <= 0:
@@ -302,10 +347,20 @@ def sample_to_npz(workdir, conditions, num, options: dict, out, texts=None):
     total = len(conditions) * num
     _check_room(total, per_policy, out)
     cond = np.repeat(conditions, num, axis=0).astype(np.float32)
+    asked_return = options.get("return")
+    if asked_return is not None and texts is not None:
+        raise LpdError("--return goes with descriptor asks, not with --text")
+    if asked_return is not None and not gen.returns:
+        raise LpdError(
+            "--return needs a denoiser trained with diffusion.return_neighbours > 0"
+        )
+    asks = {"cond": cond}
+    if asked_return is not None:
+        asks["returns"] = np.full(total, asked_return, np.float32)
     sample_fn = make_sample_fn(gen, steps, eta, options["sampler"])
     flat = evaluation.map_in_batches(
-        lambda c, k: sample_fn(c, k, jnp.float32(guidance)),
-        cond,
+        lambda a, k: sample_fn(a["cond"], k, jnp.float32(guidance), a.get("returns")),
+        asks,
         max(1, min(total, CHUNK_BYTES // per_policy)),
         jax.random.key(options["seed"]),
         "sample" if total > CHUNK_BYTES // per_policy else "",
@@ -314,7 +369,9 @@ def sample_to_npz(workdir, conditions, num, options: dict, out, texts=None):
         key: gen.archive_meta[key]
         for key in ("env", "backend", "episode_length", "policy", "descriptor_names")
     }
-    meta.update(options, guidance=guidance, steps=steps, eta=eta)
+    meta.update(
+        options, guidance=guidance, steps=steps, eta=eta, **{"return": asked_return}
+    )
     asked = (
         {"texts": np.repeat(np.asarray(texts), num)}
         if texts is not None

@@ -134,12 +134,12 @@ def run_text_stage(config: ml_collections.ConfigDict, workdir):
         len(distinct),
     )
     ema = diffusion_train.train_denoiser(
+        diffusion_train.make_denoiser(config.diffusion, latents.shape[1]),
         config.diffusion,
         (jnp.asarray(latents[pair_elite]), jnp.asarray(embeddings[pair_text])),
         (key_init, key_train),
         directory,
-        (config.text.num_steps, config.text.log_period),
-        "text",
+        (config.text.num_steps, config.text.log_period, "text"),
     )
     checkpoints.save_tree(directory / "model", {"ema": ema})
     meta = {
