@@ -122,7 +122,8 @@ def test_render_keeps_an_existing_file(tiny_run, tmp_path, capsys):
 
 def test_generate_program_compiles_once_over_batches(tiny_diffusion):
     # Sample, decode, roll out, nearest elite: one compile serves every batch
-    # (the last one padded), and the guidance scale is an argument.
+    # (the last one padded); the guidance scale and the top-return ask are
+    # arguments.
     import functools
 
     import jax
@@ -139,9 +140,15 @@ def test_generate_program_compiles_once_over_batches(tiny_diffusion):
     elites = evaluation.flat_vectors({p: jnp.asarray(x) for p, x in flat.items()})
     asks = np.asarray(data.descriptors)[cells][:10]
     assert len(asks) > 8  # Three batches of four.
-    for guidance in (0.0, 2.0):
+    assert gen.returns  # Descriptor-only and top-return asks: one program.
+    for guidance, top in ((0.0, False), (2.0, True)):
         returns, achieved, _, nearest = evaluation.map_in_batches(
-            functools.partial(generate, guidance=jnp.float32(guidance), elites=elites),
+            functools.partial(
+                generate,
+                guidance=jnp.float32(guidance),
+                elites=elites,
+                top=jnp.bool_(top),
+            ),
             asks,
             4,
             jax.random.key(0),
@@ -149,3 +156,30 @@ def test_generate_program_compiles_once_over_batches(tiny_diffusion):
         assert returns.shape == (len(asks),) and achieved.shape == asks.shape
         assert np.all((nearest >= 0) & (nearest < len(cells)))
     assert generate._cache_size() == 1
+
+
+def test_report_has_top_return_and_baseline_rows(tiny_run):
+    report = _report(tiny_run)
+    keys = {"reward_ratio", "coverage_ratio", "qd_score_ratio", "measure_error"}
+    assert keys <= set(report["top_return"])
+    noise, mean = (report["baselines"][n] for n in ("elite_noise", "neighbour_mean"))
+    for baseline in (noise, mean):
+        assert keys <= set(baseline) and keys <= set(baseline["uniform"])
+        assert baseline["original_cells"] == report["original_cells"]
+    # The noise is scaled to the generated policies' distance from the elites.
+    params = report["params_per_policy"]
+    median = report["novelty"]["weight_distance"]["q50"]
+    assert noise["sigma"] == pytest.approx(median / np.sqrt(params), rel=1e-5)
+    assert mean["k"] in (2, 3, 4) and set(mean["uniform_qd_score_by_k"]) == {
+        "2",
+        "3",
+        "4",
+    }
+    markdown = (tiny_run / "report" / "report.md").read_text()
+    for row in (
+        "| generated, top return asked |",
+        "| baseline: elite + noise |",
+        f"| baseline: mean of {mean['k']} nearest elites |",
+        "| uniform sweep: elite + noise |",
+    ):
+        assert row in markdown

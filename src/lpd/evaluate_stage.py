@@ -44,6 +44,7 @@ from lpd import (
     rollouts,
     text,
 )
+from lpd import baselines as baselines_lib
 from lpd import policy as policy_lib
 from lpd.config import config_to_dict
 from lpd.errors import LpdError
@@ -75,6 +76,7 @@ class Scoring(NamedTuple):
     parts: Path  # Per-set caches of batch results, for resuming.
     score: Callable  # (flat params [B], key) -> (returns [B], achieved [B, D]).
     generate: Callable  # (descriptors [B, D], key) -> generate fn's outputs.
+    top_generate: Callable | None  # The same at the top return quantile.
     text_generate: Callable  # (embeddings [B, 384], key) -> the same.
     decode: Callable  # (unit-variance latents [B, L], key) -> flat params [B].
     elites: jax.Array  # [N, P] the elites' parameters as vectors.
@@ -106,16 +108,21 @@ def choose_batch_size(requested: int, num: int, bytes_per_policy: int, budget) -
 
 
 def make_generate_fn(gen, eval_fn) -> callable:
-    """Jitted ``(conditions [B, D], key, guidance, elites [N, P])``.
+    """Jitted ``(conditions [B, D], key, guidance, elites [N, P], top)``.
 
     Returns ``(returns [B], achieved [B, D], nearest-elite distance [B],
     nearest-elite index [B])``; episodes use ``key`` itself (as the original
-    elites' do), sampling ``fold_in(key, 1)``.
+    elites' do), sampling ``fold_in(key, 1)``. Where the boolean ``top`` is
+    true each descriptor is also asked at the top return quantile; one
+    compile serves both.
     """
     sample_fn = generator.make_sample_fn(gen)
 
-    def generate(cond, key, guidance, elites):
-        flat = sample_fn(cond, jax.random.fold_in(key, 1), guidance)
+    def generate(cond, key, guidance, elites, top):
+        returns = None
+        if gen.returns:
+            returns = jnp.where(top, 1.0, jnp.nan) * jnp.ones(cond.shape[0])
+        flat = sample_fn(cond, jax.random.fold_in(key, 1), guidance, returns)
         returns, achieved = eval_fn(policy_lib.unflatten_params(flat), key)
         dist, index = evaluation.nearest(evaluation.flat_vectors(flat), elites)
         return returns, achieved, dist[:, 0], index[:, 0]
@@ -194,44 +201,67 @@ def _make_scoring(c, gens, guidance, task, flat, batch, parts) -> Scoring:
         env, policy, episode_length, c.episodes, batch
     )
     elites = evaluation.flat_vectors({p: jnp.asarray(x) for p, x in flat.items()})
-    generate, text_generate = (
+    descriptor_fn, text_fn = (make_generate_fn(g, eval_fn) for g in gens)
+    generate, top_generate, text_generate = (
         functools.partial(
-            make_generate_fn(g, eval_fn), guidance=jnp.float32(guidance), elites=elites
+            fn, guidance=jnp.float32(guidance), elites=elites, top=jnp.bool_(top)
         )
-        for g in gens
+        for fn, top in ((descriptor_fn, False), (descriptor_fn, True), (text_fn, False))
     )
     return Scoring(
         batch=batch,
         parts=parts,
         score=jax.jit(lambda f, k: eval_fn(policy_lib.unflatten_params(f), k)),
         generate=generate,
+        top_generate=top_generate if gens[0].returns else None,
         text_generate=text_generate,
         decode=jax.jit(lambda z, _: generator.decode_latents(gens[0], z)),
         elites=elites,
     )
 
 
-def _score_sets(s: Scoring, asked, flat, latents, keys) -> report.Results:
-    """Originals, codec reconstructions (each elite decoded from its stored
-    unit-variance latent ``[N, L]``), generated policies and the uniform sweep,
-    each under the protocol; ``keys`` are ``(key_eval, key_uniform_eval,
-    uniform descriptors [U, D])``."""
-    key_eval, key_uniform_eval, uniform_asked = keys
-    run = lambda fn, inputs, key, name: evaluation.map_in_batches(
-        fn, inputs, s.batch, key, f"evaluate: {name}", s.parts / name.split()[0]
-    )
-    original = run(s.score, flat, key_eval, "original elites")
+def _score_sets(s: Scoring, elites: tuple, latents, asks: tuple) -> report.Results:
+    """Every policy set under the protocol: originals, codec reconstructions
+    (each elite decoded from its stored unit-variance latent ``[N, L]``),
+    generated policies (and at the top return), the uniform sweep and the
+    copy-and-perturb baselines.
+
+    Args:
+        elites: ``(flat params {path: [N, ...]}, stored descriptors [N, D],
+            qd_score_fn((returns, achieved)) -> QD score)``.
+        asks: ``(key_eval, key_uniform_eval, uniform descriptors [U, D])``;
+            every archive-ask set uses the first key, the uniform ones the
+            second.
+    """
+    flat, asked, qd_score_fn = elites
+    key_eval, key_uniform_eval, uniform_asked = asks
+
+    def run(fn, inputs, which, name):
+        key = key_eval if which == "archive" else key_uniform_eval
+        desc = f"evaluate: {name.replace('_', ' ')}"
+        return evaluation.map_in_batches(fn, inputs, s.batch, key, desc, s.parts / name)
+
+    original = run(s.score, flat, "archive", "original")
     codec_flat = evaluation.map_in_batches(
         s.decode, latents, s.batch, jax.random.key(0)
     )
-    codec_only = run(s.score, codec_flat, key_eval, "codec only")
-    generated = run(s.generate, asked, key_eval, "generated")
-    uniform = run(s.generate, uniform_asked, key_uniform_eval, "uniform sweep")
+    codec_only = run(s.score, codec_flat, "archive", "codec")
+    generated = run(s.generate, asked, "archive", "generated")
+    uniform = run(s.generate, uniform_asked, "uniform", "uniform")
+    top = None
+    if s.top_generate is not None:
+        top = run(s.top_generate, asked, "archive", "top_return")
     reference, _ = evaluation.map_in_batches(
         lambda e, _: evaluation.nearest(e, s.elites, k=2),
         s.elites,
         s.batch,
         key_eval,
+    )
+    baselines = baselines_lib.run_baselines(
+        run,
+        s.score,
+        (flat, asked),
+        (uniform_asked, generated[2], uniform[2], qd_score_fn),
     )
     return report.Results(
         asked=asked,
@@ -241,6 +271,8 @@ def _score_sets(s: Scoring, asked, flat, latents, keys) -> report.Results:
         uniform_asked=uniform_asked,
         uniform=uniform,
         elite_distances=reference[:, 1],
+        top_return=top,
+        baselines=baselines,
     )
 
 
@@ -279,11 +311,17 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         meta, c.uniform_conditions or len(cells), key_uniform
     )
     asked = np.asarray(archive.descriptors)[cells]
+    centroids = np.asarray(archive.centroids)
+    qd_score_fn = lambda scored: evaluation.archive_summary(
+        *scored[:2], centroids, meta["fitness_offset"]
+    )["qd_score"]
     results = _score_sets(
-        scoring, asked, flat, latents, (key_eval, key_uniform_eval, uniform_asked)
+        scoring,
+        (flat, asked, qd_score_fn),
+        latents,
+        (key_eval, key_uniform_eval, uniform_asked),
     )
     text_scores = _text_metric(scoring, meta, c.text_samples, key_text)
-    centroids = np.asarray(archive.centroids)
     summary = report.summarise(
         results, centroids, meta, report.model_sizes(gens[0], flat)
     )

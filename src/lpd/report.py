@@ -31,6 +31,11 @@ class Results(NamedTuple):
         uniform: like ``generated``, for ``uniform_asked``.
         elite_distances: ``[N]`` each elite's distance to its nearest other
             elite in weight space (the scale novelty is read against).
+        top_return: like ``generated``, asked for each elite's descriptor at
+            the top return quantile; None for a descriptor-only denoiser.
+        baselines: name -> ``{"archive": (returns, achieved), "uniform":
+            (returns, achieved), **settings}`` for the copy-and-perturb
+            baselines, on the archive asks and the uniform asks.
     """
 
     asked: np.ndarray
@@ -40,6 +45,8 @@ class Results(NamedTuple):
     uniform_asked: np.ndarray
     uniform: tuple
     elite_distances: np.ndarray
+    top_return: tuple | None = None
+    baselines: dict | None = None
 
 
 def model_sizes(gen, flat: dict) -> dict:
@@ -145,6 +152,16 @@ def summarise(results: Results, centroids, meta: dict, sizes: dict) -> dict:
             ),
         },
     }
+    if results.top_return is not None:
+        summary["top_return"] = fid(results.top_return, results.asked)
+    summary["baselines"] = {
+        name: {
+            **fid(b["archive"], results.asked),
+            "uniform": fid(b["uniform"], results.uniform_asked),
+            **{k: v for k, v in b.items() if k not in ("archive", "uniform")},
+        }
+        for name, b in (results.baselines or {}).items()
+    }
     return summary
 
 
@@ -239,6 +256,12 @@ def _row(label: str, m: dict, compression) -> str:
     )
 
 
+def _baseline_name(name: str, b: dict) -> str:
+    if name == "elite_noise":
+        return "elite + noise"
+    return f"mean of {b['k']} nearest elites"
+
+
 def to_markdown(s: dict) -> str:
     """``report.md``: the table of the report and what it was measured on."""
     lines = [
@@ -257,11 +280,22 @@ def to_markdown(s: dict) -> str:
         "QD-score ratio | JS divergence | measure error | compression |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    rows = [
-        ("generated (diffusion)", s, s["compression_ratio"]),
-        ("codec only", s["codec_only"], s["codec_only"]["compression_ratio"]),
+    rows = [("generated (diffusion)", s, s["compression_ratio"])]
+    if "top_return" in s:
+        rows.append(
+            ("generated, top return asked", s["top_return"], s["compression_ratio"])
+        )
+    rows.append(("codec only", s["codec_only"], s["codec_only"]["compression_ratio"]))
+    rows += [
+        (f"baseline: {_baseline_name(n, b)}", b, 1.0) for n, b in s["baselines"].items()
+    ]
+    rows += [
         ("uniform sweep: generated", s["uniform"], s["compression_ratio"]),
         ("uniform sweep: nearest elite", s["uniform"]["nearest_elite"], 1.0),
+    ]
+    rows += [
+        (f"uniform sweep: {_baseline_name(n, b)}", b["uniform"], 1.0)
+        for n, b in s["baselines"].items()
     ]
     lines += [_row(*row) for row in rows]
     n, p = s["novelty"], s["model_params"]
