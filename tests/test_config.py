@@ -65,3 +65,44 @@ def test_diff_configs_lists_changed_paths():
     old = {"a": {"b": 1, "c": 2}, "d": 3}
     new = {"a": {"b": 1, "c": 5}, "d": 3}
     assert diff_configs(old, new) == ["config.a.c: 2 -> 5"]
+
+
+def test_fields_added_later_read_as_their_old_behaviour():
+    # A stage made before `num_ancestors` existed was made with 0 (independent
+    # initial policies): the same config now; another value is a change.
+    old = {"archive": {"env": "walker2d_uni"}}
+    same = {"archive": {"env": "walker2d_uni", "num_ancestors": 0}}
+    other = {"archive": {"env": "walker2d_uni", "num_ancestors": 1}}
+    assert diff_configs(old["archive"], same["archive"], "archive") == []
+    assert diff_configs(old, other) == ["config.archive.num_ancestors: 0 -> 1"]
+    assert diff_configs({}, {"new_field": 1}) == ["config.new_field: None -> 1"]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "default.py",
+        "default.py:hopper_uni",
+        "medium.py",
+        "paper.py:walker2d",
+        "paper.py:ant",
+        "tiny.py",
+        "tiny.py:hopper_uni",
+    ],
+)
+def test_shipped_configs_pass_every_stage_check(spec):
+    from conftest import CONFIGS
+    from lpd import pipeline
+
+    config = load_config(str(CONFIGS / spec))
+    pipeline.validate(config, pipeline.STAGES)  # Raises on a config that cannot run.
+
+
+def test_default_grid_follows_the_descriptor_size():
+    from conftest import CONFIGS
+
+    hopper = load_config(f"{CONFIGS / 'default.py'}:hopper_uni").archive
+    assert hopper.env == "hopper_uni" and len(hopper.grid_shape) == 1
+    assert load_config(str(CONFIGS / "default.py")).archive.grid_shape == (32, 32)
+    medium = load_config(str(CONFIGS / "medium.py"))
+    assert medium.archive.episode_length == 1000 and medium.evaluate.episodes == 50

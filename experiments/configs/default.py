@@ -1,7 +1,8 @@
 """Default CPU experiment: walker2d feet-contact archive sized for 2 cores.
 
-`make run` runs it into runs/default/. Override any field from the command
-line, e.g. `--config.archive.num_iterations=400`.
+`make run` runs it into runs/default/; `default.py:hopper_uni` is the same
+run on another env. Override any field from the command line, e.g.
+`--config.archive.num_iterations=400`.
 """
 
 import ml_collections
@@ -19,6 +20,9 @@ def get_archive_config() -> ml_collections.ConfigDict:
             normalise_obs=False,
             emitter="map_elites",  # map_elites (isoline variation) or pga_me
             batch_size=256,  # offspring per iteration, sharded over devices
+            # Initial policies: 0 draws batch_size independent ones; N > 0 draws
+            # N and repeats them, so the archive grows from N ancestors.
+            num_ancestors=0,
             num_iterations=300,
             log_period=10,  # iterations per jitted chunk / log / checkpoint
             iso_sigma=0.005,
@@ -70,6 +74,13 @@ def get_codec_config() -> ml_collections.ConfigDict:
             latent_noise=0.01,
             functional_weight=100.0,  # action matching on the elites' own states
             obs_per_policy=64,  # observations per elite for that term
+            # Random-reset episodes per elite those observations come from
+            # (0: the one episode from the archive's fixed start state).
+            obs_episodes=0,
+            # Every this many steps, add the states the decoded policies visit
+            # (labelled with the elites' actions) to that term (0: never):
+            # DAgger's data, the largest single gain in the codec's reward.
+            visit_period=2000,
             eval_episodes=8,  # episodes per policy in the reconstruction report
             eval_batch_size=256,  # policies per evaluation call
         )
@@ -83,6 +94,9 @@ def get_diffusion_config() -> ml_collections.ConfigDict:
             num_timesteps=600,
             prediction="v",  # v or epsilon
             cond_dropout=0.1,  # trains the null condition used by guidance
+            # Also condition on each elite's return rank among this many
+            # elites nearest in descriptor space (0: descriptor only).
+            return_neighbours=16,
             architecture="transformer",  # transformer or unet
             num_tokens=8,  # transformer: the latent is cut into this many tokens
             width=64,
@@ -137,10 +151,18 @@ def get_evaluate_config() -> ml_collections.ConfigDict:
     )
 
 
-def get_config() -> ml_collections.ConfigDict:
+# Grids of about a thousand cells for the other descriptor sizes.
+GRIDS = {"hopper_uni": (128,), "ant_uni": (6, 6, 6, 6)}
+
+
+def get_config(env: str = "walker2d_uni") -> ml_collections.ConfigDict:
+    """``default.py`` or ``default.py:<env>``: the same run on another env,
+    with a grid sized for its descriptor (hopper 1-D: 128 cells; ant 4-D:
+    6^4)."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.archive = get_archive_config()
+    config.archive.update(env=env, grid_shape=GRIDS.get(env, (32, 32)))
     config.codec = get_codec_config()
     config.diffusion = get_diffusion_config()
     config.text = get_text_config()

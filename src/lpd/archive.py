@@ -51,6 +51,7 @@ class SearchSpec:
     normalise_obs: bool
     emitter: str
     batch_size: int
+    num_ancestors: int
     iso_sigma: float
     line_sigma: float
     pga: tuple[tuple[str, object], ...]
@@ -73,6 +74,7 @@ def spec_from_config(config: ml_collections.ConfigDict) -> SearchSpec:
         normalise_obs=c.normalise_obs,
         emitter=c.emitter,
         batch_size=c.batch_size,
+        num_ancestors=c.num_ancestors,
         iso_sigma=c.iso_sigma,
         line_sigma=c.line_sigma,
         pga=pga,
@@ -224,6 +226,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "archive.policy_hidden_sizes must list positive layer widths, got "
             f"{tuple(c.policy_hidden_sizes)}"
         )
+    if not 0 <= c.num_ancestors <= c.batch_size:
+        raise LpdError(
+            f"archive.num_ancestors must lie in [0, batch_size={c.batch_size}], got "
+            f"{c.num_ancestors}"
+        )
     if c.iso_sigma < 0 or c.line_sigma < 0:
         raise LpdError("archive.iso_sigma and archive.line_sigma must be >= 0")
     if c.tessellation == "grid" and any(n <= 0 for n in c.grid_shape):
@@ -333,11 +340,22 @@ def import_archive(npz, workdir) -> dict:
     return meta
 
 
+def initial_population(policy, obs_size: int, spec: SearchSpec, key) -> dict:
+    """``spec.batch_size`` initial policies: independently initialised, or
+    with ``spec.num_ancestors`` > 0 that many, each repeated (variation then
+    grows the archive from them)."""
+    if not spec.num_ancestors:
+        return policy_lib.init_policies(policy, obs_size, spec.batch_size, key)
+    ancestors = policy_lib.init_policies(policy, obs_size, spec.num_ancestors, key)
+    pick = jnp.arange(spec.batch_size) % spec.num_ancestors
+    return jax.tree.map(lambda x: x[pick], ancestors)
+
+
 def _start_or_resume(fns, spec, meta, centroids, keys, directory):
     """Initial state (checkpointed as step 0), or the last checkpoint's."""
     key_policies, key_init = keys
-    genotypes = policy_lib.init_policies(
-        fns.policy, meta["policy"]["obs_size"], spec.batch_size, key_policies
+    genotypes = initial_population(
+        fns.policy, meta["policy"]["obs_size"], spec, key_policies
     )
     with checkpoints.checkpoint_manager(directory) as manager:
         step = manager.latest_step()
