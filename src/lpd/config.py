@@ -141,13 +141,31 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json())
 
 
+# Fields added after workdirs were made with earlier versions, and the value
+# that gives the behaviour from before each field existed: a stage whose
+# config.json lacks one of them was made with that value.
+ADDED_FIELDS = {
+    "archive.num_ancestors": 0,
+    "codec.obs_episodes": 0,
+    "codec.visit_period": 0,
+    "diffusion.return_neighbours": 0,
+}
+
+
 def diff_configs(old: dict, new: dict, prefix: str = "config") -> list[str]:
-    """Dotted paths where two config dicts differ, with both values."""
+    """Dotted paths where two config dicts differ, with both values.
+
+    A field of :data:`ADDED_FIELDS` missing from ``old`` counts as its value
+    from before it existed.
+    """
     diffs = []
     for key in sorted(set(old) | set(new)):
+        path = f"{prefix}.{key}"
         a, b = old.get(key), new.get(key)
+        if key not in old and path.removeprefix("config.") in ADDED_FIELDS:
+            a = ADDED_FIELDS[path.removeprefix("config.")]
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += diff_configs(a, b, f"{prefix}.{key}")
+            diffs += diff_configs(a, b, path)
         elif a != b:
-            diffs.append(f"{prefix}.{key}: {a!r} -> {b!r}")
+            diffs.append(f"{path}: {a!r} -> {b!r}")
     return diffs
