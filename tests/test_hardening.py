@@ -79,6 +79,7 @@ def test_stage_refuses_to_overwrite_a_result_it_did_not_make(
         (["sample", "--descriptor", "0.2,0.8", "--seed", str(2**40)], "--seed"),
         (["sample", "--descriptor", "0.2,0.8", "--num", "0"], "--num"),
         (["sample", "--descriptor", "0.2,0.8", "--num", str(10**9)], "GiB"),
+        (["sample", "--text", "hop", "--return", "top"], "not with --text"),
         (["render", "--descriptor", "nan,0.5"], "finite"),
         (["sequence", "--descriptors", "0.2,0.8;nan,0.5"], "finite"),
         (["sequence", "--descriptors", "0.2,0.8", "--seeds", "0"], "--seeds"),
