@@ -173,9 +173,8 @@ def _behaviour_data(c, archive_meta, env, policy, flat, key):
     batch, length = c.eval_batch_size, archive_meta["episode_length"]
     sharding = batch_sharding(batch)
     if c.obs_episodes:
-        episodes = qd.episodes_scoring_fn(env, policy, length, c.obs_episodes)
-        scoring_fn = lambda p, k: episodes(
-            jax.lax.with_sharding_constraint(p, sharding), k
+        scoring_fn = qd.episodes_scoring_fn(
+            env, policy, length, c.obs_episodes, sharding
         )
     else:
         scoring_fn = qd.make_scoring_fn(env, policy, length, key_reset, sharding)
@@ -199,9 +198,9 @@ def _make_visit(c, task, env, archive_meta):
     elites' actions there (DAgger's data)."""
     model, policy, stats = task
     length = archive_meta["episode_length"]
-    sharding = batch_sharding(c.eval_batch_size)
-    episodes = qd.episodes_scoring_fn(env, policy, length, 1)
-    score = lambda p, k: episodes(jax.lax.with_sharding_constraint(p, sharding), k)
+    score = qd.episodes_scoring_fn(
+        env, policy, length, 1, batch_sharding(c.eval_batch_size)
+    )
 
     def visit(batch, key, params):
         decoded = jax.vmap(lambda x: model.apply(params, x))(batch["inputs"])

@@ -143,21 +143,29 @@ def make_scoring_fn(
     return sharded_scoring_fn
 
 
-def episodes_scoring_fn(env, policy, episode_length: int, num_episodes: int):
+def episodes_scoring_fn(
+    env, policy, episode_length: int, num_episodes: int, sharding=None
+):
     """QDax's stochastic Brax scoring function, each policy on ``num_episodes``.
 
     The env is wrapped in Brax's ``VmapWrapper``, so each policy drives its
     episodes as one batch (its weights are read once per step for all of
     them) instead of being copied per episode. Returns and descriptors come
-    out ``[B, num_episodes]`` and ``[B, num_episodes, D]``.
+    out ``[B, num_episodes]`` and ``[B, num_episodes, D]``. With
+    ``sharding``, the batch is sharded over it (as :func:`make_scoring_fn`).
     """
-    return create_brax_scoring_fn(
+    scoring_fn = create_brax_scoring_fn(
         brax_training.VmapWrapper(env, batch_size=num_episodes),
         policy,
         get_feet_contact_proportion,
         jax.random.key(0),  # Unused: resets are drawn from the call's key.
         episode_length=episode_length,
         deterministic=False,
+    )
+    if sharding is None:
+        return scoring_fn
+    return lambda genotypes, key: scoring_fn(
+        jax.lax.with_sharding_constraint(genotypes, sharding), key
     )
 
 

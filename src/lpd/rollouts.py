@@ -41,11 +41,11 @@ def make_episodes_eval_fn(
     third output ``[B]`` is the mean fraction of the episode's steps taken
     before it ended (1: never fell).
     """
-    scoring_fn = qd.episodes_scoring_fn(env, policy, episode_length, num_episodes)
-    sharding = batch_sharding(batch_size)
+    scoring_fn = qd.episodes_scoring_fn(
+        env, policy, episode_length, num_episodes, batch_sharding(batch_size)
+    )
 
     def eval_fn(params, key):
-        params = jax.lax.with_sharding_constraint(params, sharding)
         returns, descriptors, extra = scoring_fn(params, key)
         out = returns.mean(axis=1), descriptors.mean(axis=1)
         if episode_fraction:  # Transitions are [B, T, episodes].
