@@ -121,26 +121,30 @@ def test_render_keeps_an_existing_file(tiny_run, tmp_path, capsys):
 
 
 def test_generate_program_compiles_once_over_batches(tiny_diffusion):
-    # Sample, decode, roll out, nearest elite: one compile serves every batch
-    # (the last one padded); the guidance scale and the top-return ask are
-    # arguments.
+    # Sample, decode, nearest elite: one compile serves every batch (the last
+    # one padded); the guidance scale and the top-return ask are arguments.
+    # The rollout is the one that scores the elites: compiled once for both.
     import functools
 
     import jax
     import jax.numpy as jnp
 
     from lpd import archive, archive_io, evaluate_stage, evaluation, generator, rollouts
+    from lpd import policy as policy_lib
 
     gen = generator.load_generator(tiny_diffusion)
     data, meta = archive_io.load_archive(tiny_diffusion)
     cells, flat = archive_io.elites(data)
     env, policy = archive.make_task(meta)
     eval_fn = rollouts.make_episodes_eval_fn(env, policy, meta["episode_length"], 1, 4)
-    generate = evaluate_stage.make_generate_fn(gen, eval_fn)
+    score = jax.jit(lambda f, k: eval_fn(policy_lib.unflatten_params(f), k))
+    ask_fn = evaluate_stage.make_ask_fn(gen)
+    generate = evaluate_stage.make_generate_fn(ask_fn, score)
     elites = evaluation.flat_vectors({p: jnp.asarray(x) for p, x in flat.items()})
     asks = np.asarray(data.descriptors)[cells][:10]
     assert len(asks) > 8  # Three batches of four.
     assert gen.returns  # Descriptor-only and top-return asks: one program.
+    evaluation.map_in_batches(score, flat, 4, jax.random.key(0))
     for guidance, top in ((0.0, False), (2.0, True)):
         returns, achieved, _, nearest = evaluation.map_in_batches(
             functools.partial(
@@ -155,7 +159,8 @@ def test_generate_program_compiles_once_over_batches(tiny_diffusion):
         )
         assert returns.shape == (len(asks),) and achieved.shape == asks.shape
         assert np.all((nearest >= 0) & (nearest < len(cells)))
-    assert generate._cache_size() == 1
+    assert ask_fn._cache_size() == 1
+    assert score._cache_size() == 1
 
 
 def test_report_has_top_return_and_baseline_rows(tiny_run):

@@ -4,11 +4,12 @@ The protocol (README, "The evaluation stage"): every policy (original
 elite, codec reconstruction, generated) runs ``config.evaluate.episodes``
 episodes from random resets with QDax's scoring function, batch ``b`` of
 every set on the same keys, so policy i of each set meets the same
-episodes. Generated policies come from one jitted program per batch: sample
-latents for the asked descriptors, decode, roll out, and find the nearest
-elite in weight space. The text metric asks the text-conditioned denoiser
-(``lpd train-text``) for each of :func:`lpd.labels.metric_prompts` and counts
-the generated policies whose achieved descriptor lies in the prompt's region.
+episodes. Generated policies come from one jitted program that samples
+latents for the asked descriptors, decodes them and finds the nearest elite
+in weight space; the one rollout program that scores every set runs them.
+The text metric asks the text-conditioned denoiser (``lpd train-text``) for
+each of :func:`lpd.labels.metric_prompts` and counts the generated policies
+whose achieved descriptor lies in the prompt's region.
 
 Writes ``<workdir>/report/``: ``report.json``, ``report.md``,
 ``heatmaps.png``, ``descriptors.png``, ``returns.png``, ``parts/`` (each
@@ -107,27 +108,48 @@ def choose_batch_size(requested: int, num: int, bytes_per_policy: int, budget) -
     return max(devices, min(fit, math.ceil(num / devices) * devices))
 
 
-def make_generate_fn(gen, eval_fn) -> callable:
-    """Jitted ``(conditions [B, D], key, guidance, elites [N, P], top)``.
+def make_ask_fn(gen) -> callable:
+    """Jitted ``(conditions [B, D], key, guidance, elites [N, P], top)`` ->
+    ``(flat params {path: [B, ...]}, nearest-elite distance [B],
+    nearest-elite index [B])``: sampling and the nearest-elite search.
 
-    Returns ``(returns [B], achieved [B, D], nearest-elite distance [B],
-    nearest-elite index [B])``; episodes use ``key`` itself (as the original
-    elites' do), sampling ``fold_in(key, 1)``. Where the boolean ``top`` is
-    true each descriptor is also asked at the top return quantile; one
-    compile serves both.
+    Where the boolean ``top`` is true each descriptor is also asked at the
+    top return quantile; one compile serves both.
     """
     sample_fn = generator.make_sample_fn(gen)
 
-    def generate(cond, key, guidance, elites, top):
+    def ask(cond, key, guidance, elites, top):
         returns = None
         if gen.returns:
             returns = jnp.where(top, 1.0, jnp.nan) * jnp.ones(cond.shape[0])
-        flat = sample_fn(cond, jax.random.fold_in(key, 1), guidance, returns)
-        returns, achieved = eval_fn(policy_lib.unflatten_params(flat), key)
+        flat = sample_fn(cond, key, guidance, returns)
         dist, index = evaluation.nearest(evaluation.flat_vectors(flat), elites)
-        return returns, achieved, dist[:, 0], index[:, 0]
+        return flat, dist[:, 0], index[:, 0]
 
-    return jax.jit(generate)
+    return jax.jit(ask)
+
+
+def make_generate_fn(ask_fn, score) -> callable:
+    """``(conditions [B, D], key, guidance, elites [N, P], top)`` ->
+    ``(returns [B], achieved [B, D], nearest-elite distance [B],
+    nearest-elite index [B])``.
+
+    ``ask_fn`` (:func:`make_ask_fn`) samples from ``fold_in(key, 1)``;
+    ``score``, the jitted ``(flat params [B], key)`` that scores every other
+    set, rolls the policies out on the episodes of ``key`` itself (as the
+    original elites' are), so the evaluation compiles its rollout once.
+    """
+
+    def generate(cond, key, guidance, elites, top):
+        flat, dist, index = ask_fn(
+            cond, jax.random.fold_in(key, 1), guidance, elites, top
+        )
+        # On the host, as every other scored set is: one input sharding, one
+        # compile of ``score``.
+        returns, achieved = score(jax.device_get(flat), key)
+        return returns, achieved, dist, index
+
+    return generate
 
 
 def _uniform_conditions(meta: dict, num: int, key) -> np.ndarray:
@@ -201,7 +223,8 @@ def _make_scoring(c, gens, guidance, task, flat, batch, parts) -> Scoring:
         env, policy, episode_length, c.episodes, batch
     )
     elites = evaluation.flat_vectors({p: jnp.asarray(x) for p, x in flat.items()})
-    descriptor_fn, text_fn = (make_generate_fn(g, eval_fn) for g in gens)
+    score = jax.jit(lambda f, k: eval_fn(policy_lib.unflatten_params(f), k))
+    descriptor_fn, text_fn = (make_generate_fn(make_ask_fn(g), score) for g in gens)
     generate, top_generate, text_generate = (
         functools.partial(
             fn, guidance=jnp.float32(guidance), elites=elites, top=jnp.bool_(top)
@@ -211,7 +234,7 @@ def _make_scoring(c, gens, guidance, task, flat, batch, parts) -> Scoring:
     return Scoring(
         batch=batch,
         parts=parts,
-        score=jax.jit(lambda f, k: eval_fn(policy_lib.unflatten_params(f), k)),
+        score=score,
         generate=generate,
         top_generate=top_generate if gens[0].returns else None,
         text_generate=text_generate,
