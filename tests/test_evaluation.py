@@ -100,6 +100,9 @@ def test_auto_batch_is_bounded_by_memory():
     )
     assert evaluate_stage.choose_batch_size(0, 1000, 100, 1) == devices
     assert evaluate_stage.choose_batch_size(32, 1000, 100, 1) == 32
+    # A per-device cap (the CPU's) bounds what memory would allow.
+    assert evaluate_stage.choose_batch_size(0, 1000, 100, 1e12, 4) == 4 * devices
+    assert evaluate_stage.choose_batch_size(0, 1000, 100, 100 * 64, 10**6) == 64
 
 
 def _results(same: bool):

@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 
 STAGE_KEY = 3
 ROLLOUT_MEMORY_FACTOR = 3  # Working memory of a rollout / its stored trajectory.
+# Auto batches on CPU hold at most this many episodes per device: Brax steps
+# more env steps per second on small batches there (README, "The evaluation
+# stage": 1.33x the memory-bound batch's on the default protocol).
+CPU_EPISODES_PER_DEVICE = 128
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -95,8 +99,11 @@ def memory_budget(fraction: float) -> float:
     return fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def choose_batch_size(requested: int, num: int, bytes_per_policy: int, budget) -> int:
-    """Policies per jitted call: ``requested``, or the most that fit ``budget``.
+def choose_batch_size(
+    requested: int, num: int, bytes_per_policy: int, budget, per_device=None
+) -> int:
+    """Policies per jitted call: ``requested``, or the most that fit ``budget``
+    (and, with ``per_device``, at most that many per device).
 
     Auto batches are multiples of the device count (even shards), no larger
     than ``num`` rounded up to one, and at least one policy per device.
@@ -104,8 +111,10 @@ def choose_batch_size(requested: int, num: int, bytes_per_policy: int, budget) -
     devices = len(jax.local_devices())
     if requested:
         return requested
-    fit = int(budget // max(bytes_per_policy, 1)) // devices * devices
-    return max(devices, min(fit, math.ceil(num / devices) * devices))
+    fit = int(budget // max(bytes_per_policy, 1)) // devices
+    if per_device:
+        fit = min(fit, per_device)
+    return max(devices, min(fit * devices, math.ceil(num / devices) * devices))
 
 
 def make_ask_fn(gen) -> callable:
@@ -201,17 +210,22 @@ def _parts_dir(directory: Path, batch: int) -> Path:
 
 
 def _batch_size(c, env, policy, flat, meta) -> int:
-    """Policies per jitted call: ``c.batch_size``, or what fits in memory."""
+    """Policies per jitted call: ``c.batch_size``, or what fits in memory (on
+    CPU, at most :data:`CPU_EPISODES_PER_DEVICE` episodes per device)."""
     one = policy_lib.unflatten_params({p: x[:1] for p, x in flat.items()})
     rollout_bytes = rollouts.rollout_bytes_per_policy(
         env, policy, one, meta["episode_length"], c.episodes
     )
     num = next(iter(flat.values())).shape[0]
+    per_device = None
+    if jax.default_backend() == "cpu":
+        per_device = max(1, CPU_EPISODES_PER_DEVICE // c.episodes)
     return choose_batch_size(
         c.batch_size,
         num,
         ROLLOUT_MEMORY_FACTOR * rollout_bytes,
         memory_budget(c.memory_fraction),
+        per_device,
     )
 
 
