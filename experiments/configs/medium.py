@@ -1,12 +1,13 @@
-"""The paper's protocol on a 2-core CPU: `medium.py` (about two hours).
+"""The paper's protocol on a 2-core CPU: `medium.py` (about 2.5 hours).
 
 Walker2d, 1000-step episodes (the paper's), a 40x40 grid grown in 300
 iterations to over a thousand elites (1,103 with seed 0), 50 evaluation
-episodes per policy (the paper's). What
-keeps it to about two hours on 2 cores: the uniform sweep asks 256
-descriptors instead of one per elite, the text metric generates 16 policies
-per prompt, and the codec's own reconstruction report (the evaluation
-repeats it under the full protocol) uses 8 episodes.
+episodes per policy (the paper's). About 2.5 hours on 2 cores by the
+stage times measured so far (README), most of it the evaluation's 400M env
+steps; what keeps it there: the uniform sweep asks 256 descriptors instead
+of one per elite, the text metric generates 16 policies per prompt, and the
+codec's own reconstruction report (the evaluation repeats it under the full
+protocol) uses 8 episodes.
 """
 
 import os
