@@ -25,6 +25,18 @@ def test_noise_lands_at_the_asked_distance():
     assert not np.allclose(norms, other)
 
 
+def test_baselines_reuse_the_evaluations_compile():
+    # The perturbed and averaged weights reach ``score`` as host arrays, as
+    # the originals do: one compile of the rollout serves every set.
+    score = jax.jit(_score)
+    flat = {"params/w": np.arange(24.0, dtype=np.float32).reshape(4, 6)}
+    score(flat, jax.random.key(0))
+    baselines.make_noisy_score(score)(flat, jax.random.key(0), 0.1)
+    mean = baselines.make_mean_score(score)
+    mean(np.array([[0, 1], [1, 2], [2, 3], [3, 0]]), jax.random.key(0), flat)
+    assert score._cache_size() == 1
+
+
 def test_run_baselines_by_hand():
     # Elites on a line of descriptors; each one's weights are its index.
     stored = np.array([[0.0, 0.0], [0.1, 0.0], [0.2, 0.0], [0.3, 0.0]], np.float32)
