@@ -26,15 +26,23 @@ def test_noise_lands_at_the_asked_distance():
 
 
 def test_baselines_reuse_the_evaluations_compile():
-    # The perturbed and averaged weights reach ``score`` as host arrays, as
-    # the originals do: one compile of the rollout serves every set.
-    score = jax.jit(_score)
+    # The perturbed and averaged weights come from jitted programs as device
+    # arrays, the originals from the archive as host arrays; the evaluation's
+    # score takes both to the host, so one compile of the rollout serves every
+    # set.
+    from lpd import evaluate_stage
+
+    def eval_fn(params, key):
+        w = params["params"]["w"]
+        return w[:, 0], w[:, :2]
+
+    score = evaluate_stage.make_score_fn(eval_fn)
     flat = {"params/w": np.arange(24.0, dtype=np.float32).reshape(4, 6)}
     score(flat, jax.random.key(0))
     baselines.make_noisy_score(score)(flat, jax.random.key(0), 0.1)
     mean = baselines.make_mean_score(score)
     mean(np.array([[0, 1], [1, 2], [2, 3], [3, 0]]), jax.random.key(0), flat)
-    assert score._cache_size() == 1
+    assert score.rollout._cache_size() == 1
 
 
 def test_run_baselines_by_hand():

@@ -130,14 +130,13 @@ def test_generate_program_compiles_once_over_batches(tiny_diffusion):
     import jax.numpy as jnp
 
     from lpd import archive, archive_io, evaluate_stage, evaluation, generator, rollouts
-    from lpd import policy as policy_lib
 
     gen = generator.load_generator(tiny_diffusion)
     data, meta = archive_io.load_archive(tiny_diffusion)
     cells, flat = archive_io.elites(data)
     env, policy = archive.make_task(meta)
     eval_fn = rollouts.make_episodes_eval_fn(env, policy, meta["episode_length"], 1, 4)
-    score = jax.jit(lambda f, k: eval_fn(policy_lib.unflatten_params(f), k))
+    score = evaluate_stage.make_score_fn(eval_fn)
     ask_fn = evaluate_stage.make_ask_fn(gen)
     generate = evaluate_stage.make_generate_fn(ask_fn, score)
     elites = evaluation.flat_vectors({p: jnp.asarray(x) for p, x in flat.items()})
@@ -160,7 +159,7 @@ def test_generate_program_compiles_once_over_batches(tiny_diffusion):
         assert returns.shape == (len(asks),) and achieved.shape == asks.shape
         assert np.all((nearest >= 0) & (nearest < len(cells)))
     assert ask_fn._cache_size() == 1
-    assert score._cache_size() == 1
+    assert score.rollout._cache_size() == 1
 
 
 def test_report_has_top_return_and_baseline_rows(tiny_run):

@@ -46,21 +46,14 @@ def mean_of(indices, elites):
 
 def make_noisy_score(score: Callable) -> Callable:
     """``(flat [B], key, sigma) -> score(flat + noise, key)``: the episodes come
-    from ``key`` through the evaluation's own compiled ``score``, the weights
-    from the host like every other set's (another input sharding would
-    compile ``score`` again)."""
-    return lambda flat, key, sigma: score(
-        jax.device_get(add_noise(flat, key, sigma)), key
-    )
+    from ``key`` through the evaluation's own ``score``."""
+    return lambda flat, key, sigma: score(add_noise(flat, key, sigma), key)
 
 
 def make_mean_score(score: Callable) -> Callable:
     """``(indices [B, k], key, elites {path: [N, ...]})``: the score of the
-    mean weights of the elites each row of ``indices`` names (from the host,
-    as in :func:`make_noisy_score`)."""
-    return lambda indices, key, elites: score(
-        jax.device_get(mean_of(indices, elites)), key
-    )
+    mean weights of the elites each row of ``indices`` names."""
+    return lambda indices, key, elites: score(mean_of(indices, elites), key)
 
 
 def run_baselines(run: Callable, score: Callable, elites: tuple, asks: tuple) -> dict:

@@ -138,24 +138,40 @@ def make_ask_fn(gen) -> callable:
     return jax.jit(ask)
 
 
+def make_score_fn(eval_fn) -> callable:
+    """``(flat params {path: [B, ...]}, key) -> (returns [B], achieved [B, D])``:
+    ``eval_fn`` (a rollout of unflattened params) jitted once for every scored
+    set.
+
+    The weights go to the host first, whichever program made them: archive
+    arrays, decoded or sampled device arrays and baseline weights then share
+    one input sharding, so the rollout compiles once.
+    """
+    rollout = jax.jit(lambda f, k: eval_fn(policy_lib.unflatten_params(f), k))
+
+    def score(flat, key):
+        return rollout(jax.device_get(flat), key)
+
+    score.rollout = rollout  # Its ``_cache_size()`` counts the compiles.
+    return score
+
+
 def make_generate_fn(ask_fn, score) -> callable:
     """``(conditions [B, D], key, guidance, elites [N, P], top)`` ->
     ``(returns [B], achieved [B, D], nearest-elite distance [B],
     nearest-elite index [B])``.
 
     ``ask_fn`` (:func:`make_ask_fn`) samples from ``fold_in(key, 1)``;
-    ``score``, the jitted ``(flat params [B], key)`` that scores every other
-    set, rolls the policies out on the episodes of ``key`` itself (as the
-    original elites' are), so the evaluation compiles its rollout once.
+    ``score`` (:func:`make_score_fn`), which scores every other set, rolls the
+    policies out on the episodes of ``key`` itself, as the original elites'
+    are.
     """
 
     def generate(cond, key, guidance, elites, top):
         flat, dist, index = ask_fn(
             cond, jax.random.fold_in(key, 1), guidance, elites, top
         )
-        # On the host, as every other scored set is: one input sharding, one
-        # compile of ``score``.
-        returns, achieved = score(jax.device_get(flat), key)
+        returns, achieved = score(flat, key)
         return returns, achieved, dist, index
 
     return generate
@@ -237,7 +253,7 @@ def _make_scoring(c, gens, guidance, task, flat, batch, parts) -> Scoring:
         env, policy, episode_length, c.episodes, batch
     )
     elites = evaluation.flat_vectors({p: jnp.asarray(x) for p, x in flat.items()})
-    score = jax.jit(lambda f, k: eval_fn(policy_lib.unflatten_params(f), k))
+    score = make_score_fn(eval_fn)
     descriptor_fn, text_fn = (make_generate_fn(make_ask_fn(g), score) for g in gens)
     generate, top_generate, text_generate = (
         functools.partial(
