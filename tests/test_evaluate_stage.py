@@ -187,3 +187,45 @@ def test_report_has_top_return_and_baseline_rows(tiny_run):
         "| uniform sweep: elite + noise |",
     ):
         assert row in markdown
+
+
+def test_baselines_can_be_left_out(tmp_path):
+    # Hand-made policies: "return" = first weight, "descriptor" = first two.
+    import jax
+    import jax.numpy as jnp
+
+    from lpd import evaluate_stage
+
+    score = lambda f, k: (f["params/w"][:, 0], f["params/w"][:, :2])
+
+    def generate(cond, key):
+        return cond[:, 0], cond, jnp.ones(len(cond)), jnp.zeros(len(cond), int)
+
+    w = np.random.default_rng(0).uniform(size=(6, 3)).astype(np.float32)
+    for with_baselines in (False, True):
+        parts = tmp_path / str(with_baselines)
+        s = evaluate_stage.Scoring(
+            batch=4,
+            parts=parts,
+            score=score,
+            generate=generate,
+            top_generate=None,
+            text_generate=None,
+            decode=lambda z, _: {"params/w": z},
+            elites=jnp.asarray(w),
+        )
+        results = evaluate_stage._score_sets(
+            s,
+            ({"params/w": w}, w[:, :2], lambda scored: float(np.sum(scored[0]))),
+            w,
+            (jax.random.key(0), jax.random.key(1), w[:3, :2]),
+            with_baselines,
+        )
+        scored = {p.name for p in parts.iterdir()}
+        assert {"original", "codec", "generated", "uniform"} <= scored
+        if with_baselines:
+            assert set(results.baselines) == {"elite_noise", "neighbour_mean"}
+            assert {"noise_archive", "noise_uniform", "mean2_uniform"} <= scored
+        else:
+            assert results.baselines is None
+            assert not any(n.startswith(("noise", "mean")) for n in scored)

@@ -145,6 +145,8 @@ def get_evaluate_config() -> ml_collections.ConfigDict:
             memory_fraction=0.25,  # of device memory (CPU: RAM) rollouts may take
             uniform_conditions=0,  # descriptors of the uniform sweep; 0: one per elite
             text_samples=64,  # generated policies per prompt of the text metric
+            # Score the copy-and-perturb baselines (6 of the 11 policy sets).
+            baselines=True,
             # Guidance scale; unset: the diffusion stage's sweep pick.
             guidance=ml_collections.config_dict.placeholder(float),
         )

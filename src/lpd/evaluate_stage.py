@@ -273,11 +273,13 @@ def _make_scoring(c, gens, guidance, task, flat, batch, parts) -> Scoring:
     )
 
 
-def _score_sets(s: Scoring, elites: tuple, latents, asks: tuple) -> report.Results:
+def _score_sets(
+    s: Scoring, elites: tuple, latents, asks: tuple, with_baselines: bool
+) -> report.Results:
     """Every policy set under the protocol: originals, codec reconstructions
     (each elite decoded from its stored unit-variance latent ``[N, L]``),
-    generated policies (and at the top return), the uniform sweep and the
-    copy-and-perturb baselines.
+    generated policies (and at the top return), the uniform sweep and, with
+    ``with_baselines``, the copy-and-perturb baselines.
 
     Args:
         elites: ``(flat params {path: [N, ...]}, stored descriptors [N, D],
@@ -310,12 +312,14 @@ def _score_sets(s: Scoring, elites: tuple, latents, asks: tuple) -> report.Resul
         s.batch,
         key_eval,
     )
-    baselines = baselines_lib.run_baselines(
-        run,
-        s.score,
-        (flat, asked),
-        (uniform_asked, generated[2], uniform[2], qd_score_fn),
-    )
+    baselines = None
+    if with_baselines:
+        baselines = baselines_lib.run_baselines(
+            run,
+            s.score,
+            (flat, asked),
+            (uniform_asked, generated[2], uniform[2], qd_score_fn),
+        )
     return report.Results(
         asked=asked,
         original=original,
@@ -373,6 +377,7 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         (flat, asked, qd_score_fn),
         latents,
         (key_eval, key_uniform_eval, uniform_asked),
+        c.baselines,
     )
     text_scores = _text_metric(scoring, meta, c.text_samples, key_text)
     summary = report.summarise(
