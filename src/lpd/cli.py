@@ -264,6 +264,17 @@ TOOLS = {
 }
 
 
+def _log_platform() -> None:
+    """The platform and devices on stdout (stderr keeps an error to one line);
+    on stderr, the extra to install when an accelerator goes unused."""
+    from lpd import devices
+
+    print(devices.platform_line())
+    warning = devices.accelerator_warning()
+    if warning:
+        print(warning, file=sys.stderr)
+
+
 def run(argv: list[str]) -> int:
     """Runs the command line ``argv``; raises ``LpdError`` on bad input."""
     parser = _parser()
@@ -277,6 +288,7 @@ def run(argv: list[str]) -> int:
         raise LpdError(
             f"unrecognised arguments: {' '.join(unknown)} (see lpd {args.command} -h)"
         )
+    _log_platform()
     if args.command in STAGES:
         _stages(args, overrides)
     elif overrides:
