@@ -86,14 +86,18 @@ def _add_tools(commands) -> None:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", required=True, help="path of the .npz to write")
     render = commands.add_parser(
-        "render", help="write a Brax HTML viewer of one episode of a policy"
+        "render",
+        help="write one episode of a policy: a Brax HTML viewer, or a filmstrip "
+        "PNG or GIF that needs no network",
     )
     render.add_argument("--workdir", required=True)
     render.add_argument("--descriptor", help="generate a policy for this descriptor")
     render.add_argument("--elite", type=int, help="index of an archive elite instead")
     render.add_argument("--guidance", type=float, help="default: the sweep's pick")
     render.add_argument("--seed", type=int, default=0, help="sampling and reset seed")
-    render.add_argument("--out", required=True, help="path of the .html to write")
+    render.add_argument(
+        "--out", required=True, help="path of the .html, .png or .gif to write"
+    )
     seq = commands.add_parser(
         "sequence",
         help="chain generated policies in one episode, one per descriptor or text",
@@ -180,9 +184,9 @@ def _render(args) -> None:
     from lpd.workdir import check_out
 
     check_seed(args.seed)
-    check_out(args.out, ".html")
+    check_out(args.out, render.SUFFIXES)
     flat, what = _policy_to_render(args)
-    result = render.render_to_html(args.workdir, flat, args.seed, args.out)
+    result = render.render_episode(args.workdir, flat, args.seed, args.out)
     print(
         f"render: {what}: {result['steps']} steps, return {result['return']:.1f}, "
         f"foot contact {result['descriptor']} -> {args.out}"
@@ -269,8 +273,9 @@ def _log_platform() -> None:
     on stderr, the extra to install when an accelerator goes unused."""
     from lpd import devices
 
+    problems = devices.start_backends()
     print(devices.platform_line())
-    warning = devices.accelerator_warning()
+    warning = devices.platform_warning(problems)
     if warning:
         print(warning, file=sys.stderr)
 

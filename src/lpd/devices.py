@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import jax
@@ -42,8 +45,52 @@ def visible_accelerator(root: str = "/") -> str | None:
     return None
 
 
+# jax's accelerator builds, by the extra that installs them.
+PLUGINS = {
+    "cuda12": "jax-cuda12-plugin",
+    "cuda13": "jax-cuda13-plugin",
+    "tpu": "libtpu",
+}
+
+
+def installed_plugins() -> list[str]:
+    """The extras (``cuda12``, ``cuda13``, ``tpu``) whose jax plugin is installed."""
+    found = []
+    for extra, package in PLUGINS.items():
+        try:
+            importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found.append(extra)
+    return found
+
+
+def start_backends() -> list[str]:
+    """Starts jax's backends; returns what jax logged about its plugins (one
+    line each) instead of letting it print tracebacks: :func:`platform_warning`
+    says it in one line."""
+    problems = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            error = record.exc_info[1] if record.exc_info else None
+            line = str(error) if error is not None else record.getMessage()
+            problems.append(line.strip().splitlines()[0] if line.strip() else line)
+
+    jax_log = logging.getLogger("jax._src.xla_bridge")
+    keep, propagate = Keep(logging.WARNING), jax_log.propagate
+    jax_log.addHandler(keep)
+    jax_log.propagate = False
+    try:
+        jax.devices()
+    finally:
+        jax_log.removeHandler(keep)
+        jax_log.propagate = propagate
+    return problems
+
+
 def platform_line() -> str:
-    """What jax runs on, e.g. ``platform: cpu, 2 devices (TFRT_CPU_0, ...)``."""
+    """What jax runs on, e.g. ``platform: cpu, 2 devices (cpu:0, cpu:1)``."""
     devices = jax.devices()
     names = ", ".join(str(d) for d in devices[:4])
     more = ", ..." if len(devices) > 4 else ""
@@ -53,11 +100,24 @@ def platform_line() -> str:
     )
 
 
-def accelerator_warning(root: str = "/") -> str | None:
-    """One line when an NVIDIA GPU or a TPU is visible but jax runs on the CPU
-    (and the user did not ask for the CPU with ``JAX_PLATFORMS``)."""
+def platform_warning(problems=(), root: str = "/") -> str | None:
+    """One line when jax runs on the CPU although an accelerator is there to
+    use: an accelerator extra is installed (``problems``: what its plugin
+    reported, from :func:`start_backends`), or an NVIDIA GPU or a TPU is
+    visible without one. None when jax runs elsewhere, or when the user asked
+    for the CPU with ``JAX_PLATFORMS``."""
     if jax.default_backend() != "cpu" or os.environ.get("JAX_PLATFORMS"):
         return None
+    extras = installed_plugins()
+    if extras:
+        why = ""
+        if problems:
+            why = ": " + textwrap.shorten(problems[0], 160, placeholder=" ...")
+        return (
+            f"lpd: warning: the {'/'.join(extras)} extra is installed but jax runs on "
+            f"the CPU{why} (check the device and its driver: NVIDIA >= 525 for "
+            "cuda12, >= 580 for cuda13; JAX_PLATFORMS=cpu to use the CPU on purpose)"
+        )
     found = visible_accelerator(root)
     if found is None:
         return None
