@@ -92,10 +92,59 @@ def test_render_writes_a_brax_viewer(tiny_run, tmp_path, capsys, args):
     assert "steps, return" in printed
 
 
+def test_render_draws_pictures_that_need_no_network(tiny_run, tmp_path, capsys):
+    from PIL import Image
+
+    from lpd import render
+
+    for suffix in (".png", ".gif"):
+        out = tmp_path / f"episode{suffix}"
+        argv = ["render", "--workdir", str(tiny_run), "--elite", "0", "--out", out]
+        assert main([str(a) for a in argv]) == 0
+        steps = int(capsys.readouterr().out.split(": ")[-1].split(" steps")[0])
+        with Image.open(out) as picture:
+            if suffix == ".png":  # A filmstrip of its frames side by side.
+                assert picture.size[0] > 4 * picture.size[1]
+            else:  # Every step up to GIF_FRAMES, then every k-th.
+                assert picture.n_frames == min(steps + 1, render.GIF_FRAMES + 1)
+                assert picture.n_frames > 1
+        assert not out.with_name(out.name + ".tmp").exists()
+
+
+def test_body_segments_stand_on_the_ground():
+    # A walker at its reset pose: feet on the floor, torso above the hips, each
+    # limb as long as its capsule.
+    import jax
+
+    from lpd import render
+    from lpd.qd import make_env
+
+    env = make_env("walker2d_uni", 10, "spring")
+    state = jax.jit(env.reset)(jax.random.key(0)).pipeline_state
+    pos, rot = np.asarray(state.x.pos)[None], np.asarray(state.x.rot)[None]
+    segments, radii, points, _ = render.body_segments(env.sys, pos, rot)
+    assert segments.shape[1] == 7 and points.shape[1] == 0  # Seven capsules.
+    ends = segments[0, :, :, 2]  # [capsule, end] heights.
+    lowest = np.unravel_index(np.argmin(ends), ends.shape)[0]
+    assert 0.0 <= ends.min() - radii[lowest] < 0.05  # A foot just above the floor,
+    assert abs(ends[lowest, 0] - ends[lowest, 1]) < 0.01  # lying flat.
+    assert ends.max() > 1.0
+    tips = segments[0].reshape(-1, 3)  # Limbs join: each end meets another's.
+    gaps = np.linalg.norm(tips[:, None] - tips[None], axis=-1) + 9 * np.eye(len(tips))
+    assert np.all(gaps.reshape(7, 2, 14).min(axis=(1, 2)) < 1e-3)
+    sys = env.sys
+    capsules = [g for g, b in enumerate(sys.geom_bodyid) if b > 0]
+    lengths = np.linalg.norm(segments[0, :, 1] - segments[0, :, 0], axis=-1)
+    np.testing.assert_allclose(
+        lengths, 2 * np.asarray(sys.geom_size)[capsules, 1], rtol=1e-5
+    )
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
         ([], "exactly one of --descriptor and --elite"),
+        (["--elite", "0", "--out-name"], "unrecognised arguments"),
         (["--elite", "0", "--descriptor", "0.5,0.5"], "exactly one of"),
         (["--elite", "100000"], "--elite must lie in"),
         (["--descriptor", "0.5"], "descriptors have 1 values"),

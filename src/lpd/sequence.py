@@ -251,7 +251,7 @@ def run_sequence(workdir, asked, options: dict, out, texts=None) -> dict:
         out / "contacts.png",
     )
     first = jax.tree.map(lambda x: x[0], methods["generated"])
-    render.write_html(env, policy, first, chunks, keys[0], out / "episode.html")
+    render.write_episode(env, policy, first, chunks, keys[0], out / "episode.html")
     return summary
 
 

@@ -68,12 +68,13 @@ def report_dir(workdir) -> Path:
     return stage_dir(workdir, "report")
 
 
-def check_out(out, suffix: str) -> Path:
-    """An ``--out`` path that is new, has ``suffix``, and lies in a folder
-    (or under a path that can become one)."""
+def check_out(out, suffix: str | tuple[str, ...]) -> Path:
+    """An ``--out`` path that is new, has ``suffix`` (or one of them), and lies
+    in a folder (or under a path that can become one)."""
     out = Path(out)
-    if out.suffix != suffix:
-        raise LpdError(f"--out must end in {suffix}, got {out}")
+    suffixes = (suffix,) if isinstance(suffix, str) else suffix
+    if out.suffix not in suffixes:
+        raise LpdError(f"--out must end in {' or '.join(suffixes)}, got {out}")
     if out.exists():
         raise LpdError(f"{out} already exists; choose another --out or delete it")
     for parent in out.absolute().parents:
