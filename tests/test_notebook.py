@@ -23,6 +23,8 @@ def test_walkthrough_notebook_executes(tiny_run, tmp_path, monkeypatch):
     ).execute()
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert (workdir / "walkthrough_episode.html").exists()
+    assert (workdir / "walkthrough_episode.gif").exists()
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4  # The archive heatmap and the three report plots.
+    # The episode, shown without a network.
+    assert [o for o in outputs if "image/gif" in o.get("data", {})]
