@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(PYVER)$(if $(ACCEL),-$(ACCEL))
 WORKDIR ?= runs/default
 CONFIG ?= experiments/configs/default.py
 
-.PHONY: help setup run smoke test lint bench clean
+.PHONY: help setup run smoke test lint bench dist clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ bench: setup  ## benchmarks -> benchmarks/results/*.json
 	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_diffusion.py
 	$(BIN)/python benchmarks/bench_evaluate.py
+
+dist: setup  ## build the lpd wheel into dist/ (configs included; for Colab or pip elsewhere)
+	$(BIN)/python -m pip wheel -q --no-deps -w dist .
 
 clean:  ## remove the venv and run outputs
 	rm -rf $(VENV) runs

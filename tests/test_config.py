@@ -106,3 +106,19 @@ def test_default_grid_follows_the_descriptor_size():
     assert load_config(str(CONFIGS / "default.py")).archive.grid_shape == (32, 32)
     medium = load_config(str(CONFIGS / "medium.py"))
     assert medium.archive.episode_length == 1000 and medium.evaluate.episodes == 50
+
+
+def test_shipped_configs_load_by_bare_name(tmp_path, monkeypatch):
+    # An installed lpd has no clone: `--config tiny.py` finds the packaged one,
+    # the same file experiments/configs/ links to.
+    from conftest import CONFIGS
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config("tiny.py") == load_config(str(CONFIGS / "tiny.py"))
+    hopper = load_config("default.py:hopper_uni")
+    assert hopper.archive.env == "hopper_uni"
+    (tmp_path / "tiny.py").write_text("raise ValueError")  # A file here wins.
+    with pytest.raises(LpdError, match="failed to load"):
+        load_config("tiny.py")
+    with pytest.raises(LpdError, match="shipped configs: default.py, medium.py"):
+        load_config("nope.py")

@@ -15,18 +15,30 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ml_collections
 
 from lpd.errors import LpdError
 
+PACKAGED = Path(__file__).parent / "configs"  # experiments/configs in a clone.
+
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads ``file.py[:arg]`` and applies ``--config.a.b=value`` overrides."""
+    """Loads ``file.py[:arg]`` and applies ``--config.a.b=value`` overrides.
+
+    A bare name (``tiny.py``, ``default.py:hopper_uni``) that is not a file
+    here is one of the configs shipped in the package (:data:`PACKAGED`), so
+    an installed lpd finds them without a clone.
+    """
     path, _, arg = spec.partition(":")
+    if not os.path.isfile(path) and not os.path.dirname(path):
+        if (PACKAGED / path).is_file():
+            path = str(PACKAGED / path)
     if not os.path.isfile(path):
-        raise LpdError(f"config file not found: {path}")
+        shipped = ", ".join(sorted(p.name for p in PACKAGED.glob("*.py")))
+        raise LpdError(f"config file not found: {path} (shipped configs: {shipped})")
     module_spec = importlib.util.spec_from_file_location("_lpd_config", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
