@@ -421,3 +421,21 @@ def test_report_rows_say_n_a_for_undefined_ratios():
     }
     row = report._row("generated", m, 20.0)
     assert row.startswith("| generated | n/a | 0.930 | 1.000 | 0.900 |")
+
+
+def test_run_refuses_a_workdir_without_disk_for_the_archive(
+    cli, tiny_config_path, tmp_path, monkeypatch
+):
+    import collections
+
+    from lpd import pipeline
+    from lpd.config import load_config
+
+    need = archive.disk_bytes(load_config(tiny_config_path))
+    assert 3 * 25 * 100 * 4 < need < shutil.disk_usage(tmp_path).free  # 25 cells.
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: usage(1, 1, need - 1))
+    workdir = tmp_path / "new" / "w"
+    code, err = cli("run", "--config", tiny_config_path, "--workdir", workdir)
+    assert_one_line_error(code, err, "GiB of disk")
+    assert not (tmp_path / "new").exists()  # Nothing written.

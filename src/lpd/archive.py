@@ -200,6 +200,20 @@ def describe_env(meta: dict) -> dict:
     }
 
 
+def disk_bytes(config: ml_collections.ConfigDict) -> int:
+    """About the disk the archive stage fills: the repertoire and the two
+    checkpoints it keeps, each every cell's float32 genotype (measured: 229 MB
+    for 1,600 cells of 19,590 parameters, against 376 MB by this count)."""
+    c = config.archive
+    cells = np.prod(c.grid_shape) if c.tessellation == "grid" else c.num_cvt_cells
+    env = qd.make_env(c.env, c.episode_length, c.backend)
+    hidden = tuple(c.policy_hidden_sizes)
+    policy = policy_lib.Policy(hidden, env.action_size, c.normalise_obs)
+    layout = policy_lib.policy_layout(policy, env.observation_size)
+    params = sum(int(np.prod(shape)) for shape in layout.values())
+    return 3 * int(cells) * params * 4
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """One-line errors for a ``config.archive`` that cannot run (checked before
     anything is written)."""

@@ -142,6 +142,7 @@ def _stages(args, overrides: list[str]) -> None:
     config = load_config(args.config, overrides)
     names = list(pipeline.STAGES) if args.command == "run" else [args.command]
     pipeline.validate(config, names)
+    pipeline.check_disk(config, args.workdir, names)
     with workdir.lock(args.workdir):
         for name in names:
             directory = pipeline.STAGES[name](config, args.workdir)

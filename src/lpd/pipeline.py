@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import ml_collections
 
 from lpd import (
@@ -13,6 +16,7 @@ from lpd import (
     text,
     text_stage,
 )
+from lpd.errors import LpdError
 
 STAGES = {  # Each: (config, workdir) -> the stage's directory.
     "archive": archive.run_archive_stage,
@@ -40,3 +44,24 @@ def validate(config: ml_collections.ConfigDict, names) -> None:
     }
     for name in names:
         checks[name]()
+
+
+def check_disk(config: ml_collections.ConfigDict, workdir, names) -> None:
+    """Refuses in one line a run whose archive would not fit on the workdir's
+    disk (checked before the first stage, unless the archive is there)."""
+    from lpd.workdir import archive_dir, is_complete
+
+    if "archive" not in names or is_complete(archive_dir(workdir)):
+        return
+    need = archive.disk_bytes(config)
+    existing = next(
+        p
+        for p in [Path(workdir).absolute(), *Path(workdir).absolute().parents]
+        if p.exists()
+    )
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise LpdError(
+            f"the archive needs about {need / 2**30:.1f} GiB of disk and {existing} "
+            f"has {free / 2**30:.1f} GiB free: free some, or use another --workdir"
+        )
