@@ -54,11 +54,8 @@ def check_disk(config: ml_collections.ConfigDict, workdir, names) -> None:
     if "archive" not in names or is_complete(archive_dir(workdir)):
         return
     need = archive.disk_bytes(config)
-    existing = next(
-        p
-        for p in [Path(workdir).absolute(), *Path(workdir).absolute().parents]
-        if p.exists()
-    )
+    path = Path(workdir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if free < need:
         raise LpdError(
