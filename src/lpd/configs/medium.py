@@ -4,7 +4,7 @@ Walker2d, 1000-step episodes (the paper's), a 40x40 grid grown in 300
 iterations to over a thousand elites, 50 evaluation episodes per policy
 (the paper's). Most of the time is the evaluation's rollouts; what keeps
 it near 2 hours: the copy-and-perturb baselines are left out (with them
-the evaluation scores about 8,200 policies instead of 5,000, some 40
+the evaluation scores about 8,200 policies instead of 5,000, about 35
 minutes more), the uniform sweep asks 256 descriptors instead of one per
 elite, the text metric generates 16 policies per prompt, and the codec's
 own reconstruction report (the evaluation repeats it under the full
