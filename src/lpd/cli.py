@@ -304,6 +304,23 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+_SCRIPT = False  # Set by :func:`console`: this process ends after the error.
+
+
+def _last_line(message: str) -> None:
+    """Prints ``message`` on stderr. In the ``lpd`` script it is the last
+    thing there: stderr is pointed at /dev/null first, so background threads
+    of the checkpoint library reporting on a damaged file while the process
+    ends (or output still buffered) cannot follow it."""
+    if not _SCRIPT:
+        print(message, file=sys.stderr)
+        return
+    stderr = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    sys.stderr.flush()
+    os.write(stderr, (message + "\n").encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs ``lpd`` in this process (tests, notebooks); returns the exit status."""
     set_host_devices()
@@ -317,14 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except LpdError as e:
-        print(f"lpd: error: {e}", file=sys.stderr)
+        _last_line(f"lpd: error: {e}")
         return 2
     except OSError as e:  # A folder that is read-only, full, or a file.
         where = f": {e.filename}" if e.filename else ""
-        print(f"lpd: error: {e.strerror or e}{where}", file=sys.stderr)
+        _last_line(f"lpd: error: {e.strerror or e}{where}")
         return 2
     except KeyboardInterrupt:
-        print("lpd: interrupted; run the same command again to resume", file=sys.stderr)
+        _last_line("lpd: interrupted; run the same command again to resume")
         return 130
 
 
@@ -337,12 +354,12 @@ def console() -> None:
     Ctrl-C (temporary files removed, resumable), and nothing printed after
     an error's one line (background threads of the checkpoint library may
     still report on a damaged file while the process ends)."""
+    global _SCRIPT
+    _SCRIPT = True
     signal.signal(signal.SIGTERM, _interrupt)
     code = main()
     if code:
         sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
         os._exit(code)
     sys.exit(code)
 
