@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from lpd.devices import PLUGINS  # extra -> the package only that build brings
+
 ROOT = Path(__file__).resolve().parents[1]
-PLUGINS = {  # extra -> a package only that accelerator build brings
-    "cuda12": "jax-cuda12-plugin",
-    "cuda13": "jax-cuda13-plugin",
-    "tpu": "libtpu",
-}
 
 
 def _name(name: str) -> str:

@@ -33,9 +33,8 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     an installed lpd finds them without a clone.
     """
     path, _, arg = spec.partition(":")
-    if not os.path.isfile(path) and not os.path.dirname(path):
-        if (PACKAGED / path).is_file():
-            path = str(PACKAGED / path)
+    if not os.path.isfile(path) and (PACKAGED / path).is_file():
+        path = str(PACKAGED / path)
     if not os.path.isfile(path):
         shipped = ", ".join(sorted(p.name for p in PACKAGED.glob("*.py")))
         raise LpdError(f"config file not found: {path} (shipped configs: {shipped})")

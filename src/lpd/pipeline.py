@@ -17,6 +17,7 @@ from lpd import (
     text_stage,
 )
 from lpd.errors import LpdError
+from lpd.workdir import archive_dir, is_complete
 
 STAGES = {  # Each: (config, workdir) -> the stage's directory.
     "archive": archive.run_archive_stage,
@@ -49,8 +50,6 @@ def validate(config: ml_collections.ConfigDict, names) -> None:
 def check_disk(config: ml_collections.ConfigDict, workdir, names) -> None:
     """Refuses in one line a run whose archive would not fit on the workdir's
     disk (checked before the first stage, unless the archive is there)."""
-    from lpd.workdir import archive_dir, is_complete
-
     if "archive" not in names or is_complete(archive_dir(workdir)):
         return
     need = archive.disk_bytes(config)

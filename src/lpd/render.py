@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from brax.io import html
+from PIL import Image
 
 from lpd import archive as archive_lib
 from lpd import archive_io, rollouts
@@ -96,8 +97,6 @@ def write_picture(sys, states, contacts: np.ndarray, out: Path) -> None:
     :data:`FILMSTRIP_FRAMES` moments (``.png``) or an animated GIF (``.gif``),
     drawn from the link poses ``states.x`` ``[T + 1, L, ...]``, each frame
     centred on the body."""
-    from PIL import Image
-
     pos, rot = np.asarray(states.x.pos), np.asarray(states.x.rot)
     segments, radii, points, sizes = body_segments(sys, pos, rot)
     ends = np.concatenate(
@@ -106,15 +105,19 @@ def write_picture(sys, states, contacts: np.ndarray, out: Path) -> None:
     height = max(1.0, float(ends[..., 2].max()) * 1.1)
     centre = pos[:, 0, 0]  # The root link: the torso.
     steps = len(pos) - 1
-    contact = lambda t: contacts[min(t, steps - 1)] if steps else None
+
+    def draw(ax, t):
+        contact = contacts[min(t, steps - 1)] if steps else None
+        _draw_body(ax, segments[t], radii, points[t], sizes, contact)
+        _frame_view(ax, centre[t], height)
+        ax.set_xlabel(f"step {t}", fontsize=8)
+
     with atomic_path(out) as tmp:
         if out.suffix == ".png":
             times = np.linspace(0, steps, FILMSTRIP_FRAMES).round().astype(int)
             fig, axes = plt.subplots(1, len(times), figsize=(2 * len(times), 2.4))
             for ax, t in zip(axes, times, strict=True):
-                _draw_body(ax, segments[t], radii, points[t], sizes, contact(t))
-                _frame_view(ax, centre[t], height)
-                ax.set_xlabel(f"step {t}", fontsize=8)
+                draw(ax, t)
             fig.tight_layout()
             fig.savefig(tmp, format="png", dpi=100)
         else:
@@ -123,9 +126,7 @@ def write_picture(sys, states, contacts: np.ndarray, out: Path) -> None:
             images = []
             for t in times:
                 ax.clear()
-                _draw_body(ax, segments[t], radii, points[t], sizes, contact(t))
-                _frame_view(ax, centre[t], height)
-                ax.set_xlabel(f"step {t}", fontsize=8)
+                draw(ax, t)
                 fig.canvas.draw()
                 rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
                 images.append(Image.fromarray(rgb).quantize(colors=64))
