@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from lpd import archive_io, checkpoints, plots, qd, rollouts
+from lpd import archive_io, checkpoints, devices, plots, qd, rollouts
 from lpd import policy as policy_lib
 from lpd.config import config_to_dict
 from lpd.devices import batch_sharding
@@ -380,7 +380,7 @@ def _start_or_resume(fns, spec, meta, centroids, keys, directory):
             state = {"repertoire": repertoire, "emitter_state": emitter_state}
             checkpoints.save(manager, 0, state)
             writer = MetricsWriter(directory)
-            writer.write(0, jax.device_get(metrics))
+            writer.write(0, devices.to_host(metrics))
             writer.close()
             return repertoire, emitter_state, 0
         template = jax.eval_shape(fns.init_fn, genotypes, centroids, key_init)[:2]
@@ -395,7 +395,13 @@ def _search(fns, state, start, c, key, directory):
     repertoire, emitter_state = state
     writer = MetricsWriter(directory, resume_step=start)
     clock = StageClock(directory)
-    bar = tqdm(total=c.num_iterations, initial=start, desc="archive", unit="it")
+    bar = tqdm(
+        total=c.num_iterations,
+        initial=start,
+        desc="archive",
+        unit="it",
+        disable=not devices.is_main(),
+    )
     try:
         with checkpoints.checkpoint_manager(directory) as manager:
             for chunk_start in range(start, c.num_iterations, c.log_period):
@@ -406,7 +412,7 @@ def _search(fns, state, start, c, key, directory):
                 state = {"repertoire": repertoire, "emitter_state": emitter_state}
                 checkpoints.save(manager, end, state)
                 clock.save()
-                metrics = jax.device_get(metrics)
+                metrics = devices.to_host(metrics)
                 if not np.isfinite(metrics["qd_score"]).all():
                     raise LpdError(
                         f"archive: QD score is not finite at iteration {end}"

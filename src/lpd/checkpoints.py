@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lpd import devices
 from lpd.errors import LpdError
 
 
@@ -28,9 +29,12 @@ def _on_this_host(template):
 
     Orbax otherwise restores onto the devices the checkpoint was saved from,
     and fails when the device count differs (a run made with one XLA host
-    device per core, read on a GPU host or in a plain Python session).
+    device per core, read on a GPU host or in a plain Python session). In a
+    run over several hosts every device gets the whole array instead.
     """
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if jax.process_count() > 1:  # Every process reads the whole array.
+        sharding = devices.replicated()
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
     )
@@ -43,9 +47,9 @@ def _uncommitted(tree):
 
     def rebuild(x):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = np.asarray(jax.random.key_data(x))
+            data = devices.to_host(jax.random.key_data(x))
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-        return jnp.asarray(np.asarray(x))
+        return jnp.asarray(devices.to_host(x))
 
     return jax.tree.map(rebuild, tree)
 
@@ -54,8 +58,27 @@ def _restore(restore_fn, template):
     return _uncommitted(restore_fn(_on_this_host(template)))
 
 
+def _global(tree):
+    """In a run over several hosts, ``tree`` with each array held by one
+    process (made by a program that ran on its own devices, or uncommitted)
+    placed whole on every device, as orbax needs to save across processes."""
+    if jax.process_count() == 1:
+        return tree
+
+    def place(x):
+        if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+            return x
+        everywhere = devices.replicated()
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), everywhere)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(np.asarray(x), everywhere)
+
+    return jax.tree.map(place, tree)
+
+
 def save(manager: ocp.CheckpointManager, step: int, state) -> None:
-    manager.save(step, args=ocp.args.StandardSave(state))
+    manager.save(step, args=ocp.args.StandardSave(_global(state)))
 
 
 def restore(manager: ocp.CheckpointManager, step: int, template, directory: Path):
@@ -78,10 +101,12 @@ def save_tree(path: Path, tree) -> None:
     ``meta.json``, written after this, is what marks the stage complete.
     """
     path = path.absolute()
-    if path.exists():
+    if path.exists() and devices.is_main():
         shutil.rmtree(path)
+    devices.sync(f"save {path.name}")
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, tree)
+        checkpointer.save(path, _global(tree))
+    devices.sync(f"saved {path.name}")
 
 
 def stored_structure(path: Path) -> dict:

@@ -113,6 +113,27 @@ def _add_tools(commands) -> None:
     seq.add_argument("--out", required=True, help="directory to write (must not exist)")
 
 
+def _add_host_flags(stage) -> None:
+    """Flags of a run over several hosts (one process per host)."""
+    hosts = stage.add_argument_group(
+        "several hosts",
+        "one lpd process per host, all with the same command and a shared --workdir",
+    )
+    hosts.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join the run over several hosts that jax detects (TPU pod, SLURM, "
+        "Open MPI)",
+    )
+    hosts.add_argument(
+        "--coordinator", help="or name it: host:port of process 0 (LPD_COORDINATOR)"
+    )
+    hosts.add_argument(
+        "--num-processes", help="how many processes in all (LPD_NUM_PROCESSES)"
+    )
+    hosts.add_argument("--process-id", help="this one's, from 0 (LPD_PROCESS_ID)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lpd",
@@ -129,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         stage.add_argument("--config", required=True, help="config file, path.py[:arg]")
         stage.add_argument("--workdir", required=True, help="directory of the run")
+        _add_host_flags(stage)
     _add_tools(commands)
     return parser
 
@@ -143,10 +165,15 @@ def _stages(args, overrides: list[str]) -> None:
     names = list(pipeline.STAGES) if args.command == "run" else [args.command]
     pipeline.validate(config, names)
     pipeline.check_disk(config, args.workdir, names)
+    from lpd import devices
+
     with workdir.lock(args.workdir):
         for name in names:
+            devices.sync(f"start {name}")
             directory = pipeline.STAGES[name](config, args.workdir)
-            print(f"{name}: written to {directory}")
+            devices.sync(f"end {name}")
+            if devices.is_main():
+                print(f"{name}: written to {directory}")
 
 
 def _sample(args) -> None:
@@ -269,12 +296,21 @@ TOOLS = {
 }
 
 
-def _log_platform() -> None:
-    """The platform and devices on stdout (stderr keeps an error to one line);
-    on stderr, the extra to install when an accelerator goes unused."""
+def _start(args) -> None:
+    """Joins a run over several hosts when asked, starts jax, and logs the
+    platform and devices on stdout (stderr keeps an error to one line); on
+    stderr, the extra to install when an accelerator goes unused. Processes
+    other than the first print nothing but errors."""
     from lpd import devices
 
+    if args.command in STAGES:
+        devices.start_hosts(
+            args.coordinator, args.num_processes, args.process_id, args.distributed
+        )
     problems = devices.start_backends()
+    if not devices.is_main():
+        logging.getLogger("lpd").setLevel(logging.WARNING)
+        return
     print(devices.platform_line())
     warning = devices.platform_warning(problems)
     if warning:
@@ -294,7 +330,7 @@ def run(argv: list[str]) -> int:
         raise LpdError(
             f"unrecognised arguments: {' '.join(unknown)} (see lpd {args.command} -h)"
         )
-    _log_platform()
+    _start(args)
     if args.command in STAGES:
         _stages(args, overrides)
     elif overrides:

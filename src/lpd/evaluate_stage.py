@@ -38,6 +38,7 @@ from lpd import archive as archive_lib
 from lpd import (
     archive_io,
     codec_stage,
+    devices,
     evaluation,
     generator,
     labels,
@@ -88,15 +89,17 @@ class Scoring(NamedTuple):
 
 
 def memory_budget(fraction: float) -> float:
-    """Bytes the evaluation may fill: ``fraction`` of all local device memory.
+    """Bytes the evaluation may fill: ``fraction`` of all device memory, over
+    every host of the run.
 
-    Accelerators report their limit; CPU devices share the host's RAM.
+    Accelerators report their limit; CPU devices share each host's RAM.
     """
-    devices = jax.local_devices()
-    stats = devices[0].memory_stats() or {}
+    local = jax.local_devices()
+    stats = local[0].memory_stats() or {}
     if "bytes_limit" in stats:
-        return fraction * stats["bytes_limit"] * len(devices)
-    return fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return fraction * stats["bytes_limit"] * len(jax.devices())
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return fraction * ram * jax.process_count()
 
 
 def choose_batch_size(
@@ -108,13 +111,13 @@ def choose_batch_size(
     Auto batches are multiples of the device count (even shards), no larger
     than ``num`` rounded up to one, and at least one policy per device.
     """
-    devices = len(jax.local_devices())
+    count = len(jax.devices())
     if requested:
         return requested
-    fit = int(budget // max(bytes_per_policy, 1)) // devices
+    fit = int(budget // max(bytes_per_policy, 1)) // count
     if per_device:
         fit = min(fit, per_device)
-    return max(devices, min(fit * devices, math.ceil(num / devices) * devices))
+    return max(count, min(fit * count, math.ceil(num / count) * count))
 
 
 def make_ask_fn(gen) -> callable:
@@ -150,7 +153,7 @@ def make_score_fn(eval_fn) -> callable:
     rollout = jax.jit(lambda f, k: eval_fn(policy_lib.unflatten_params(f), k))
 
     def score(flat, key):
-        return rollout(jax.device_get(flat), key)
+        return rollout(devices.to_host(flat), key)
 
     score.rollout = rollout  # Its ``_cache_size()`` counts the compiles.
     return score
@@ -219,7 +222,9 @@ def _parts_dir(directory: Path, batch: int) -> Path:
     stamp = parts / "batch_size.json"
     if stamp.exists() and json.loads(stamp.read_text())["batch_size"] != batch:
         log.info("evaluate: batch size changed, recomputing %s", parts)
-        shutil.rmtree(parts)
+        if devices.is_main():
+            shutil.rmtree(parts)
+    devices.sync("evaluate parts")
     parts.mkdir(parents=True, exist_ok=True)
     write_json(stamp, {"batch_size": batch})
     return parts
@@ -389,7 +394,7 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         guidance=float(guidance),
         sample_steps=gens[0].config.diffusion.sample_steps,
         batch_size=batch,
-        devices=[str(d) for d in jax.local_devices()],
+        devices=[str(d) for d in jax.devices()],
         wall_time_s=report.stage_times(workdir, clock.total()),
         versions=archive_io.package_versions(),
         config=config_dict,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lpd import qd
+from lpd import devices, qd
 from lpd.workdir import atomic_path
 
 
@@ -39,7 +39,12 @@ def map_in_batches(
         cache.mkdir(parents=True, exist_ok=True)
     result = None  # Filled batch by batch: no copy of the whole output.
     for b, start in enumerate(
-        tqdm(range(0, num, batch_size), desc=desc, disable=not desc, leave=False)
+        tqdm(
+            range(0, num, batch_size),
+            desc=desc,
+            disable=not desc or not devices.is_main(),
+            leave=False,
+        )
     ):
         path = cache / f"{b:05d}.npz" if cache is not None else None
         if path is not None and path.exists():
@@ -49,7 +54,7 @@ def map_in_batches(
             idx = np.arange(start, start + batch_size)
             idx = np.where(idx < num, idx, 0)
             batch = jax.tree.map(lambda x, i=idx: x[i], params)
-            out = jax.device_get(fn(batch, jax.random.fold_in(key, b)))
+            out = devices.to_host(fn(batch, jax.random.fold_in(key, b)))
             if path is not None:
                 with atomic_path(path) as tmp, tmp.open("wb") as f:
                     np.savez(f, *out)

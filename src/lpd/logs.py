@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tensorboardX import SummaryWriter
 
+from lpd import devices
 from lpd.workdir import write_text
 
 
@@ -16,10 +17,14 @@ class MetricsWriter:
 
     Opening it for a run resumed at ``resume_step`` drops rows logged after
     that step by the interrupted run, so the log matches the restored state.
+    In a run over several hosts only the first process writes.
     """
 
     def __init__(self, directory: Path, resume_step: int | None = None):
         self._path = directory / "metrics.jsonl"
+        self._tb = None
+        if not devices.is_main():
+            return
         if resume_step is not None and self._path.exists():
             rows = [json.loads(line) for line in self._path.read_text().splitlines()]
             kept = [r for r in rows if r["step"] <= resume_step]
@@ -29,6 +34,8 @@ class MetricsWriter:
         self._tb = SummaryWriter(str(directory / "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self._tb is None:
+            return
         row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         with self._path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -36,7 +43,8 @@ class MetricsWriter:
             self._tb.add_scalar(name, float(value), int(step))
 
     def close(self) -> None:
-        self._tb.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def read_metrics(directory: Path) -> list[dict]:

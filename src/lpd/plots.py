@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lpd.workdir import atomic_path  # noqa: E402
+
 
 def bins_per_dim(centroids: np.ndarray) -> int:
     """Cells per descriptor axis: the grid's size, or about ``C ** (1/D)`` for a CVT."""
@@ -112,8 +114,7 @@ def plot_archive_heatmap(
     ax.figure.colorbar(mesh, ax=ax, label="episode return")
     if own_figure:
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        _save(fig, path, 120)
 
 
 def plot_heatmaps(panels: dict, centroids, meta: dict, path: Path) -> None:
@@ -136,8 +137,7 @@ def plot_heatmaps(panels: dict, centroids, meta: dict, path: Path) -> None:
         filled = int(np.isfinite(np.asarray(fitnesses, np.float64)).sum())
         ax.set_title(f"{title}: {filled} cells")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, 110)
 
 
 def plot_descriptor_match(sets: dict, names: list[str], path: Path) -> None:
@@ -159,8 +159,7 @@ def plot_descriptor_match(sets: dict, names: list[str], path: Path) -> None:
         ax.set_aspect("equal")
     np.atleast_1d(axes)[0].legend(loc="upper left", markerscale=3, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, 110)
 
 
 def plot_return_cdfs(sets: dict, path: Path) -> None:
@@ -174,8 +173,7 @@ def plot_return_cdfs(sets: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, 110)
 
 
 def plot_sequence_contacts(
@@ -209,5 +207,15 @@ def plot_sequence_contacts(
     axes[0, 0].legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, 110)
+
+
+def _save(fig, path: Path, dpi: int) -> None:
+    """Writes ``fig`` to ``path`` whole or not at all (and from the first
+    process only, in a run over several hosts), then closes it."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)

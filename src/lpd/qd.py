@@ -88,11 +88,48 @@ class FeetContact(FeetContactWrapper):
         return jnp.any(feet(self._feet_idx), axis=-1).astype(jnp.float32)
 
 
+class _LocalMjx:
+    """MuJoCo's ``mjx`` module, with ``put_model`` and ``make_data`` placing
+    on this process's first device when no device is named.
+
+    MJX's own default is ``jax.devices()[0]``, which in a run over several
+    hosts belongs to process 0: every other process would fail to load a
+    body ("Cross-host transfers are not supported").
+    """
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def put_model(self, m, device=None, **kwargs):
+        return self._module.put_model(m, device or jax.local_devices()[0], **kwargs)
+
+    def make_data(self, m, device=None, **kwargs):
+        return self._module.make_data(m, device or jax.local_devices()[0], **kwargs)
+
+
+def _place_mjx_locally() -> None:
+    """Points the ``mjx`` that Brax's loaders use at :class:`_LocalMjx`, in
+    a run over several hosts (one process changes nothing)."""
+    if jax.process_count() == 1:
+        return
+    from brax import contact
+    from brax.io import mjcf
+    from brax.mjx import pipeline
+
+    for module in (contact, mjcf, pipeline):
+        if not isinstance(module.mjx, _LocalMjx):
+            module.mjx = _LocalMjx(module.mjx)
+
+
 def make_env(env_name: str, episode_length: int, backend: str) -> brax_envs.Env:
     """A feet-contact task: a Brax body wrapped for descriptors and episodes.
 
     No auto-reset: the scoring function masks every step after the first done.
     """
+    _place_mjx_locally()
     if env_name not in ENVS:
         raise LpdError(f"unknown env {env_name!r}; choose one of {sorted(ENVS)}")
     if backend not in BACKENDS:

@@ -18,6 +18,7 @@ import numpy as np
 from lpd import archive as archive_lib
 from lpd import (
     archive_io,
+    devices,
     evaluation,
     generator,
     plots,
@@ -181,7 +182,7 @@ def _roll_out(env, policy, chunks, methods: dict, keys) -> dict:
             params, keys
         )
 
-    return {name: jax.device_get(many(p, keys)) for name, p in methods.items()}
+    return {name: devices.to_host(many(p, keys)) for name, p in methods.items()}
 
 
 def run_sequence(workdir, asked, options: dict, out, texts=None) -> dict:

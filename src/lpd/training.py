@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from lpd import checkpoints
+from lpd import checkpoints, devices
 from lpd.errors import LpdError
 from lpd.logs import MetricsWriter
 from lpd.workdir import StageClock
@@ -107,11 +107,17 @@ def run_chunks(
             state = checkpoints.restore(manager, start, template, directory)
             log.info("%s: resuming from step %d", stage, start)
         writer = MetricsWriter(directory, resume_step=start)
-        bar = tqdm(total=num_steps, initial=start, desc=stage, unit="step")
+        bar = tqdm(
+            total=num_steps,
+            initial=start,
+            desc=stage,
+            unit="step",
+            disable=not devices.is_main(),
+        )
         try:
             for chunk_start in range(start, num_steps, log_period):
                 state, metrics = chunk_fn(state, jnp.int32(chunk_start))
-                metrics = jax.device_get(metrics)
+                metrics = devices.to_host(metrics)
                 end = chunk_start + log_period
                 if not np.isfinite(metrics["loss"]):
                     raise LpdError(

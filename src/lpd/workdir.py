@@ -22,9 +22,11 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
+from lpd import devices
 from lpd.config import diff_configs
 from lpd.errors import LpdError
 
@@ -90,8 +92,19 @@ def atomic_path(path):
     """Yields a temporary path beside ``path`` to write (a file, or a
     directory to fill); on success it is renamed onto ``path``, on any failure
     removed, so ``path`` is either what it was or the whole new thing. A
-    temporary left by a killed process is removed by the next write."""
+    temporary left by a killed process is removed by the next write.
+
+    In a run over several hosts only the first process writes: the others
+    fill a private temporary that is thrown away.
+    """
     path = Path(path)
+    if not devices.is_main():
+        scratch = Path(tempfile.mkdtemp(prefix="lpd-"))
+        try:
+            yield scratch / path.name
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     tmp = path.with_name(path.name + ".tmp")
     _remove(tmp)
     try:
@@ -124,8 +137,12 @@ def lock(workdir):
     """Holds ``<workdir>/.lock`` for the block, so two lpd commands never
     write one workdir at once; the lock dies with its process (kill -9
     included). Creates the workdir, and removes it again if the block
-    wrote nothing into it."""
+    wrote nothing into it. In a run over several hosts the first process
+    holds it for all."""
     path = check_workdir(workdir)
+    if not devices.is_main():
+        yield
+        return
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     lock_file = path / ".lock"
