@@ -112,7 +112,7 @@ def get_diffusion_config() -> ml_collections.ConfigDict:
             grad_clip=1.0,
             ema_decay=0.999,
             sample_steps=100,  # DDIM steps
-            eta=0.0,
+            eta=1.0,  # DDIM noise: 1 is stochastic (DDPM-like), 0 deterministic
             sweep_guidance=(0.0, 1.0, 2.0, 4.0),
             sweep_conditions=256,  # archive descriptors used by the sweep
             sweep_episodes=4,
