@@ -58,6 +58,18 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _assert_same_codec(work, expected):
+    """The codec stage of ``work`` logged and encoded as ``expected``'s."""
+    assert _rows(work / "codec/metrics.jsonl") == _rows(
+        expected / "codec/metrics.jsonl"
+    )
+    with (
+        np.load(work / "codec/latents.npz") as a,
+        np.load(expected / "codec/latents.npz") as b,
+    ):
+        np.testing.assert_array_equal(a["latents"], b["latents"])
+
+
 @pytest.mark.brax
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_two_devices(
@@ -76,14 +88,7 @@ def test_two_processes_match_one_process_with_two_devices(
         tiny_archive / "archive/metrics.jsonl"
     )
     _on_two_processes("train-codec", *flags)
-    assert _rows(work / "codec/metrics.jsonl") == _rows(
-        tiny_codec / "codec/metrics.jsonl"
-    )
-    with (
-        np.load(work / "codec/latents.npz") as a,
-        np.load(tiny_codec / "codec/latents.npz") as b,
-    ):
-        np.testing.assert_array_equal(a["latents"], b["latents"])
+    _assert_same_codec(work, tiny_codec)
 
     # Interrupted between its two checkpoints: both processes restore step 20
     # and finish as the uninterrupted run did.
@@ -91,14 +96,7 @@ def test_two_processes_match_one_process_with_two_devices(
     shutil.rmtree(work / "codec/checkpoints/40")
     resumed = _on_two_processes("train-codec", *flags)
     assert "resuming from step 20" in resumed[0].stderr
-    assert _rows(work / "codec/metrics.jsonl") == _rows(
-        tiny_codec / "codec/metrics.jsonl"
-    )
-    with (
-        np.load(work / "codec/latents.npz") as a,
-        np.load(tiny_codec / "codec/latents.npz") as b,
-    ):
-        np.testing.assert_array_equal(a["latents"], b["latents"])
+    _assert_same_codec(work, tiny_codec)
     assert not list(work.rglob("*.tmp"))  # Process 1 wrote nothing there.
 
 

@@ -65,10 +65,11 @@ def _global(tree):
     if jax.process_count() == 1:
         return tree
 
+    everywhere = devices.replicated()
+
     def place(x):
         if not isinstance(x, jax.Array) or not x.is_fully_addressable:
             return x
-        everywhere = devices.replicated()
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             data = jax.device_put(np.asarray(jax.random.key_data(x)), everywhere)
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
