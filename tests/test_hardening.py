@@ -358,6 +358,31 @@ def test_corrupt_checkpoint_prints_one_line_and_nothing_after(tiny_archive, tmp_
     assert lines == [lines[-1]] and "missing or corrupt" in lines[-1], done.stderr
 
 
+def test_late_event_loop_reports_are_dropped_and_others_kept(monkeypatch):
+    # What makes the line above the only one, deterministically: the storage
+    # library's late reads report "Event loop is closed" as unraisable.
+    from lpd import checkpoints
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    checkpoints._quiet_late_reads()
+
+    class RaisesOnDelete:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    RaisesOnDelete(RuntimeError("Event loop is closed"))
+    RaisesOnDelete(RuntimeError("something else"))
+    RaisesOnDelete(ValueError("Event loop is closed"))
+    assert [(type(u.exc_value), str(u.exc_value)) for u in seen] == [
+        (RuntimeError, "something else"),
+        (ValueError, "Event loop is closed"),
+    ]
+
+
 # 12. Smaller things.
 
 

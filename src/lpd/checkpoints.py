@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -54,7 +55,29 @@ def _uncommitted(tree):
     return jax.tree.map(rebuild, tree)
 
 
+def _quiet_late_reads() -> None:
+    """Drops the "Event loop is closed" reports of reads still in flight when
+    orbax gives up on a damaged checkpoint: they land on its finished event
+    loop from the storage library's threads, before or after our one-line
+    error. Installed before the first restore (a failed read can report
+    before the exception reaches us); other unraisable exceptions go to the
+    hook that was there."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_lpd_quiet", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._lpd_quiet = True
+    sys.unraisablehook = hook
+
+
 def _restore(restore_fn, template):
+    _quiet_late_reads()
     return _uncommitted(restore_fn(_on_this_host(template)))
 
 

@@ -340,23 +340,6 @@ def run(argv: list[str]) -> int:
     return 0
 
 
-_SCRIPT = False  # Set by :func:`console`: this process ends after the error.
-
-
-def _last_line(message: str) -> None:
-    """Prints ``message`` on stderr. In the ``lpd`` script it is the last
-    thing there: stderr is pointed at /dev/null first, so background threads
-    of the checkpoint library reporting on a damaged file while the process
-    ends (or output still buffered) cannot follow it."""
-    if not _SCRIPT:
-        print(message, file=sys.stderr)
-        return
-    stderr = os.dup(2)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    sys.stderr.flush()
-    os.write(stderr, (message + "\n").encode())
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs ``lpd`` in this process (tests, notebooks); returns the exit status."""
     set_host_devices()
@@ -370,14 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except LpdError as e:
-        _last_line(f"lpd: error: {e}")
+        print(f"lpd: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # A folder that is read-only, full, or a file.
         where = f": {e.filename}" if e.filename else ""
-        _last_line(f"lpd: error: {e.strerror or e}{where}")
+        print(f"lpd: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        _last_line("lpd: interrupted; run the same command again to resume")
+        print("lpd: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
 
 
@@ -390,8 +373,6 @@ def console() -> None:
     Ctrl-C (temporary files removed, resumable), and nothing printed after
     an error's one line (background threads of the checkpoint library may
     still report on a damaged file while the process ends)."""
-    global _SCRIPT
-    _SCRIPT = True
     signal.signal(signal.SIGTERM, _interrupt)
     code = main()
     if code:
