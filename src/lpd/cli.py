@@ -370,9 +370,8 @@ def _interrupt(signum, frame):
 
 def console() -> None:
     """The ``lpd`` script: :func:`main`, with ``kill`` (SIGTERM) stopping like
-    Ctrl-C (temporary files removed, resumable), and nothing printed after
-    an error's one line (background threads of the checkpoint library may
-    still report on a damaged file while the process ends)."""
+    Ctrl-C (temporary files removed, resumable), and after an error an
+    immediate exit, so no thread still running prints past its one line."""
     signal.signal(signal.SIGTERM, _interrupt)
     code = main()
     if code:
