@@ -53,5 +53,5 @@ bench: setup  ## benchmarks -> benchmarks/results/*.json
 dist: setup  ## build the lpd wheel into dist/ (configs included; for Colab or pip elsewhere)
 	$(BIN)/python -m pip wheel -q --no-deps -w dist .
 
-clean:  ## remove the venv and run outputs
-	rm -rf $(VENV) runs
+clean:  ## remove the venv, run outputs and the tests' compilation cache
+	rm -rf $(VENV) runs .jax-cache
