@@ -33,16 +33,17 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
-def write_result(result: dict, name: str, config: str, overrides: list) -> None:
-    """Adds the machine and versions, writes results/<name>.json, prints it."""
+def write_result(result: dict, name: str, config=None, overrides=()) -> None:
+    """Adds the machine and versions (and the config file and overrides, if
+    any), writes results/<name>.json, prints it."""
     result.update(
         devices=[str(d) for d in jax.local_devices()],
         machine=platform.machine(),
         cpu_count=os.cpu_count(),
         versions=archive_io.package_versions(),
-        config=os.path.relpath(config, ROOT),
-        overrides=overrides,
     )
+    if config is not None:
+        result.update(config=os.path.relpath(config, ROOT), overrides=list(overrides))
     out = ROOT / "benchmarks" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -10,6 +10,7 @@ import pytest
 from lpd import archive, archive_io, rollouts, sequence
 from lpd import policy as policy_lib
 from lpd.cli import main
+from lpd.errors import LpdError
 
 
 def test_chunks_are_consecutive_and_near_equal():
@@ -29,6 +30,50 @@ def test_chunk_metrics_by_hand():
     np.testing.assert_array_equal(m["returns"], [[3.0, 7.0], [2.0, 1.0]])
     np.testing.assert_array_equal(m["descriptors"][..., 0], [[0.5, 1.0], [1.0, 0.0]])
     np.testing.assert_array_equal(m["alive_steps"], [4, 3])
+
+
+def test_chunk_metrics_leave_the_settling_steps_out_of_the_contact_only():
+    chunks = np.array([0, 0, 0, 1, 1, 1])
+    rewards = np.ones((2, 6))
+    contacts = np.array([[1.0, 0, 0, 1, 1, 0], [0, 1, 1, 0, 0, 1]])[..., None]
+    # Seed 1 ends at step 3, the first step of chunk 1: a settling step.
+    dones = np.array([[0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1]])
+    m = sequence.chunk_metrics(rewards, contacts, dones, chunks, 2, settle=1)
+    np.testing.assert_array_equal(m["returns"], [[3, 3], [3, 1]])
+    np.testing.assert_array_equal(m["descriptors"][0, :, 0], [0.0, 0.5])
+    assert m["descriptors"][1, 0, 0] == 1.0 and np.isnan(m["descriptors"][1, 1, 0])
+    np.testing.assert_array_equal(m["alive_steps"], [6, 4])
+
+
+def test_benchmark_asks_what_the_elites_reach_and_settling_changes_only_errors(
+    tiny_diffusion,
+):
+    meta = archive_io.load_meta(tiny_diffusion)
+    archive_data, _ = archive_io.load_archive(tiny_diffusion)
+    _, flat = archive_io.elites(archive_data)
+    reachable = sequence.reachable_descriptors(meta, flat, jax.random.key(0))
+    assert 0 < len(reachable) <= len(next(iter(flat.values())))
+    assert np.all((reachable >= 0) & (reachable <= 1))
+    options = dict(sequences=4, chunks=2, chunk_steps=None, seed=0, guidance=None)
+    runs = [
+        sequence.run_benchmark(tiny_diffusion, {**options, "settle": settle})
+        for settle in (0, 40)
+    ]
+    length = meta["episode_length"]
+    for run in runs:
+        assert run["chunk_steps"] == length and run["sequences"] == 4
+        assert run["success_threshold_steps"] == 0.8 * 2 * length
+        for method in ("generated", "nearest_elite"):
+            m = run[method]
+            assert 0 <= m["success"] <= 1 and 0 < m["mean_episode_steps"] <= 2 * length
+            assert len(m["measure_error_per_chunk"]) == len(m["reached_per_chunk"]) == 2
+    for method in ("generated", "nearest_elite"):  # Same episodes, other windows.
+        a, b = runs[0][method], runs[1][method]
+        assert (a["success"], a["mean_return"]) == (b["success"], b["mean_return"])
+        assert np.all(np.subtract(a["reached_per_chunk"], b["reached_per_chunk"]) >= 0)
+        assert a["measure_error"] != b["measure_error"]
+    with pytest.raises(LpdError, match="--settle"):
+        sequence.run_benchmark(tiny_diffusion, {**options, "settle": length})
 
 
 def test_rollout_swaps_policies_at_chunk_boundaries(tiny_archive):

@@ -41,22 +41,27 @@ def chunk_index(num_steps: int, num_chunks: int) -> np.ndarray:
     ).astype(np.int32)
 
 
-def chunk_metrics(rewards, contacts, dones, chunks, num_chunks: int) -> dict:
+def chunk_metrics(rewards, contacts, dones, chunks, num_chunks: int, settle=0) -> dict:
     """Per-seed, per-chunk return and mean foot contact over the steps alive.
 
     Args:
         rewards ``[S, T]``, contacts ``[S, T, D]``, dones ``[S, T]``,
-        chunks ``[T]``.
+        chunks ``[T]``; ``settle``: the first steps of each chunk left out of
+        its foot contact (the new policy takes over the old one's gait), not
+        of its return.
 
     Returns:
         ``returns [S, K]``, ``descriptors [S, K, D]`` (NaN for a chunk the
-        body never reached alive), ``alive_steps [S]``.
+        body never reached alive past its settling steps), ``alive_steps [S]``.
     """
+    chunks = np.asarray(chunks)
     alive = rollouts.alive_mask(dones).astype(np.float64)
     onehot = np.eye(num_chunks)[chunks]  # [T, K]
+    starts = np.searchsorted(chunks, chunks)  # First step of each step's chunk.
+    measured = alive * (np.arange(len(chunks)) - starts >= settle)
     returns = np.einsum("st,tk->sk", np.asarray(rewards) * alive, onehot)
-    steps = np.einsum("st,tk->sk", alive, onehot)
-    sums = np.einsum("st,std,tk->skd", alive, np.asarray(contacts), onehot)
+    steps = np.einsum("st,tk->sk", measured, onehot)
+    sums = np.einsum("st,std,tk->skd", measured, np.asarray(contacts), onehot)
     with np.errstate(invalid="ignore", divide="ignore"):
         descriptors = sums / steps[..., None]
     return {
@@ -149,24 +154,24 @@ def _asks(workdir, asked, texts, archive, idx):
     return cond, stored[near], near, {"texts": list(texts), "matched_labels": matched}
 
 
-def _policies(gen, guidance, asks, elite_flat, num_seeds: int, key) -> dict:
-    """Per method, policy parameters with leaves ``[S, K, ...]``: one
-    generated policy per seed and chunk for the conditions, and the baseline
-    elites; ``asks`` is ``(conditions [K, C], baseline elite indices [K])``."""
+def _policies(gen, guidance, asks, elite_flat, key) -> dict:
+    """Per method, policy parameters with leaves ``[S, K, ...]``: a generated
+    policy for each seed's condition of each chunk, and the baseline elites;
+    ``asks`` is ``(conditions [S, K, C], baseline elite indices [S, K])``."""
     cond, near = asks
-    num_chunks = len(near)
+    num_seeds, num_chunks = near.shape
     sample_fn = generator.make_sample_fn(gen)
-    cond = jnp.asarray(np.tile(cond, (num_seeds, 1)), jnp.float32)  # [S * K, C]
-    flat = sample_fn(cond, key, jnp.float32(guidance))
+    flat = sample_fn(
+        jnp.asarray(cond.reshape(num_seeds * num_chunks, -1), jnp.float32),
+        key,
+        jnp.float32(guidance),
+    )
     generated = jax.tree.map(
         lambda x: x.reshape(num_seeds, num_chunks, *x.shape[1:]),
         policy_lib.unflatten_params(flat),
     )
     baseline = policy_lib.unflatten_params(
-        {
-            p: jnp.asarray(np.broadcast_to(x[near], (num_seeds, *x[near].shape)))
-            for p, x in elite_flat.items()
-        }
+        {p: jnp.asarray(x[near]) for p, x in elite_flat.items()}
     )
     return {"generated": generated, "nearest_elites": baseline}
 
@@ -214,7 +219,8 @@ def run_sequence(workdir, asked, options: dict, out, texts=None) -> dict:
         raise LpdError(f"at most {length} chunks: one step each")
     chunks = chunk_index(length, num_chunks)
     key_sample, key_reset = jax.random.split(jax.random.key(options["seed"]))
-    methods = _policies(gen, guidance, (cond, near), elite_flat, num_seeds, key_sample)
+    tile = lambda x: np.broadcast_to(x, (num_seeds, *x.shape))
+    methods = _policies(gen, guidance, (tile(cond), tile(near)), elite_flat, key_sample)
     keys = jax.random.split(key_reset, num_seeds)
     trajectories = _roll_out(env, policy, chunks, methods, keys)
     summaries = {
@@ -286,3 +292,122 @@ def format_summary(summary: dict) -> str:
         f"{summary['nearest_elites']['success_rate']:.2f} over {summary['seeds']} seeds"
     )
     return "\n".join(lines)
+
+
+def reachable_descriptors(meta: dict, elite_flat: dict, key) -> np.ndarray:
+    """``[M, D]`` foot-contact patterns the archive holds from a random start:
+    each elite's over one random-reset episode of the archive's length, kept
+    where the elite stayed up to the end."""
+    env, policy = archive_lib.make_task(meta)
+    length = int(meta["episode_length"])
+    num = len(next(iter(elite_flat.values())))
+    idx = np.arange(num + -num % jax.device_count()) % num  # Fills every device.
+    params = policy_lib.unflatten_params(
+        {p: jnp.asarray(x[idx][:, None]) for p, x in elite_flat.items()}
+    )
+    chunks = np.zeros(length, np.int32)
+    keys = jax.random.split(key, len(idx))
+    traj = _roll_out(env, policy, chunks, {"elites": params}, keys)["elites"]
+    m = chunk_metrics(traj["rewards"], traj["contacts"], traj["dones"], chunks, 1)
+    stayed_up = m["alive_steps"][:num] == length
+    return m["descriptors"][:num, 0][stayed_up]
+
+
+def _benchmark_summary(metrics: dict, asks: np.ndarray, episode_steps: int) -> dict:
+    error = np.linalg.norm(metrics["descriptors"] - asks, axis=-1)  # [S, K]
+    reached = np.isfinite(error)  # The chunk was reached alive past settling.
+    counts = reached.sum(axis=0)
+    per_chunk = np.where(reached, error, 0).sum(axis=0) / np.maximum(counts, 1)
+    return {
+        "success": float(
+            np.mean(metrics["alive_steps"] > SUCCESS_FRACTION * episode_steps)
+        ),
+        "measure_error": float(np.nanmean(error)) if reached.any() else None,
+        "measure_error_per_chunk": [
+            round(float(e), 4) if n else None
+            for e, n in zip(per_chunk, counts, strict=True)
+        ],
+        "reached_per_chunk": reached.mean(axis=0).round(4).tolist(),
+        "mean_return": float(metrics["returns"].sum(axis=1).mean()),
+        "mean_episode_steps": float(metrics["alive_steps"].mean()),
+    }
+
+
+def run_benchmark(workdir, options: dict) -> dict:
+    """Random sequences of asks the archive can reach, generated policies
+    against the nearest elites switched the same way.
+
+    ``options``: ``sequences`` (one episode each, its own asks and reset),
+    ``chunks`` (asks per sequence), ``chunk_steps`` (None: the archive's
+    episode length, so episodes are ``chunks`` times longer than the
+    archive's), ``settle`` (steps after each switch left out of the chunk's
+    measure error), ``seed`` (draws the asks, samples and resets),
+    ``guidance`` (None: the sweep's pick). The asks are drawn, with
+    replacement, from :func:`reachable_descriptors`. Returns, per method
+    (``generated``, ``nearest_elite``): the success rate (still up after
+    ``SUCCESS_FRACTION`` of the episode), the measure error over the chunks
+    reached alive past their settling steps (and per chunk), the share of
+    sequences reaching each chunk, the mean return and episode steps.
+    """
+    num_seqs, num_chunks, settle = (
+        options[k] for k in ("sequences", "chunks", "settle")
+    )
+    if num_seqs <= 0 or num_chunks <= 0:
+        raise LpdError(
+            f"--sequences and --chunks must be > 0, got {num_seqs}, {num_chunks}"
+        )
+    guidance = generator.picked_guidance(workdir, options["guidance"])
+    gen = generator.load_generator(workdir, text=False)
+    archive, meta = archive_io.load_archive(workdir)
+    chunk_steps = options["chunk_steps"] or int(meta["episode_length"])
+    if not 0 <= settle < chunk_steps:
+        raise LpdError(f"--settle must lie in [0, {chunk_steps}), got {settle}")
+    idx, elite_flat = archive_io.elites(archive)
+    key_reach, key_asks, key_sample, key_reset = jax.random.split(
+        jax.random.key(options["seed"]), 4
+    )
+    reachable = reachable_descriptors(meta, elite_flat, key_reach)
+    if not len(reachable):
+        raise LpdError(
+            f"no elite of {workdir} stays up from a random start: nothing to ask"
+        )
+    pick = np.asarray(
+        jax.random.choice(key_asks, len(reachable), (num_seqs, num_chunks))
+    )
+    asks = reachable[pick]  # [S, K, D]
+    stored = jnp.asarray(np.asarray(archive.descriptors)[idx])
+    _, near = evaluation.nearest(jnp.asarray(asks.reshape(-1, asks.shape[-1])), stored)
+    near = np.asarray(near)[:, 0].reshape(num_seqs, num_chunks)
+    methods = _policies(gen, guidance, (asks, near), elite_flat, key_sample)
+    episode_steps = num_chunks * chunk_steps
+    env, policy = archive_lib.make_task({**meta, "episode_length": episode_steps})
+    chunks = np.repeat(np.arange(num_chunks, dtype=np.int32), chunk_steps)
+    trajectories = _roll_out(
+        env, policy, chunks, methods, jax.random.split(key_reset, num_seqs)
+    )
+    result = {
+        name: _benchmark_summary(
+            chunk_metrics(
+                t["rewards"], t["contacts"], t["dones"], chunks, num_chunks, settle
+            ),
+            asks,
+            episode_steps,
+        )
+        for name, t in (
+            ("generated", trajectories["generated"]),
+            ("nearest_elite", trajectories["nearest_elites"]),
+        )
+    }
+    return {
+        **result,
+        "sequences": num_seqs,
+        "chunks": num_chunks,
+        "chunk_steps": chunk_steps,
+        "archive_episode_length": int(meta["episode_length"]),
+        "settle_steps": settle,
+        "seed": options["seed"],
+        "guidance": guidance,
+        "reachable_elites": len(reachable),
+        "elites": len(idx),
+        "success_threshold_steps": SUCCESS_FRACTION * episode_steps,
+    }

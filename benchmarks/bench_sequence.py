@@ -1,0 +1,50 @@
+"""Sequencing benchmark: random sequences of reachable asks in long episodes.
+
+    python benchmarks/bench_sequence.py --workdir runs/default [--seed 0]
+        [--sequences 256] [--chunks 4] [--chunk-steps N] [--settle 50]
+
+On a workdir whose archive, codec and diffusion stages are complete, draws
+``--sequences`` sequences of ``--chunks`` asks from the foot-contact patterns
+the elites hold from a random start, and acts each sequence in one episode
+(``--chunk-steps`` per ask, by default the archive's episode length, without
+resets) twice: with policies generated for the asks, and with the archive
+elites nearest to them. Writes benchmarks/results/sequence.json with, per
+method (``generated``, ``nearest_elite``), the success rate (still up after
+80% of the episode), the measure error of each chunk after ``--settle``
+steps, and the return. ``--seed`` draws the asks, the samples and the resets.
+"""
+
+import argparse
+import os
+import sys
+
+# isort: off
+import common  # First: gives XLA one host device per core before jax starts.
+
+# isort: on
+
+from lpd import sequence
+from lpd.errors import LpdError
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sequences", type=int, default=256)
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--chunk-steps", type=int, default=None)
+    parser.add_argument("--settle", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=None)
+    args = parser.parse_args()
+    options = {k: v for k, v in vars(args).items() if k != "workdir"}
+    try:
+        result = sequence.run_benchmark(args.workdir, options)
+    except LpdError as e:
+        sys.exit(f"bench_sequence: {e}")
+    result["workdir"] = os.path.relpath(args.workdir, common.ROOT)
+    common.write_result(result, "sequence")
+
+
+if __name__ == "__main__":
+    main()
