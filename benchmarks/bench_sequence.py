@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sequence.py --workdir runs/default [--seed 0]
         [--sequences 256] [--chunks 4] [--chunk-steps N] [--settle 50]
+        [--guidance G]
 
 On a workdir whose archive, codec and diffusion stages are complete, draws
 ``--sequences`` sequences of ``--chunks`` asks from the foot-contact patterns
@@ -11,7 +12,8 @@ resets) twice: with policies generated for the asks, and with the archive
 elites nearest to them. Writes benchmarks/results/sequence.json with, per
 method (``generated``, ``nearest_elite``), the success rate (still up after
 80% of the episode), the measure error of each chunk after ``--settle``
-steps, and the return. ``--seed`` draws the asks, the samples and the resets.
+steps, and the return. ``--seed`` draws the asks, the samples and the resets;
+``--guidance`` defaults to the scale the diffusion stage's sweep picked.
 """
 
 import argparse

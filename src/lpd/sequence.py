@@ -5,6 +5,9 @@ for the k-th asked descriptor (or sentence, by the text model), swapped in
 at the chunk boundary without a reset. The whole episode is one jitted
 program, vmapped over seeds; the baseline runs the archive elites nearest
 to each ask through the same program with the same keys.
+
+:func:`run_benchmark` does the same over many random sequences of asks the
+elites reach (``benchmarks/bench_sequence.py``).
 """
 
 from __future__ import annotations
