@@ -43,6 +43,11 @@ def test_artifact_holds_archive_and_metadata(tiny_archive):
     assert meta["fitness_offset"] > 0 and meta["versions"]["qdax"] == "0.5.0"
     filled = np.isfinite(data.fitnesses)
     assert np.all((data.descriptors[filled] >= 0) & (data.descriptors[filled] <= 1))
+    reeval = meta["reevaluation"]
+    assert reeval["episodes"] == 8 and reeval["stored_cells"] == meta["num_elites"]
+    assert 0 < reeval["filled_cells"] <= reeval["stored_cells"]
+    assert 0.0 <= reeval["stayed_up_fraction"] <= 1.0
+    assert np.isfinite(reeval["mean_return"])
     assert (tiny_archive / "archive" / "heatmap.png").stat().st_size > 1000
     assert list((tiny_archive / "archive" / "tensorboard").iterdir())
 
@@ -113,6 +118,36 @@ def test_ant_descriptor_has_four_feet_that_change_with_the_gait():
     assert len(np.unique(descriptors.round(3), axis=0)) > 4
 
 
+def test_scoring_on_several_episodes_averages_random_starts():
+    from lpd import policy as policy_lib
+    from lpd import qd
+    from lpd.devices import batch_sharding
+
+    env = qd.make_env("walker2d_uni", 50, "spring")
+    policy = policy_lib.Policy((8,), env.action_size)
+    params = policy_lib.init_policies(
+        policy, env.observation_size, 4, jax.random.key(1)
+    )
+    keys = jax.random.key(2), jax.random.key(3)
+
+    def score(num_episodes, key):
+        fn = qd.make_scoring_fn(
+            env, policy, 50, jax.random.key(0), batch_sharding(4), num_episodes
+        )
+        fitnesses, descriptors, _ = jax.jit(fn)(params, key)
+        return np.asarray(fitnesses), np.asarray(descriptors)
+
+    # One episode: QDax's fixed start, whatever the call's key.
+    np.testing.assert_array_equal(score(1, keys[0])[0], score(1, keys[1])[0])
+    # Three: random starts from the call's key, averaged per policy.
+    fitnesses, descriptors = score(3, keys[0])
+    assert fitnesses.shape == (4,) and descriptors.shape == (4, 2)
+    assert not np.allclose(fitnesses, score(3, keys[1])[0])
+    episodes = qd.episodes_scoring_fn(env, policy, 50, 3, batch_sharding(4))
+    each, _, _ = jax.jit(episodes)(params, keys[0])
+    np.testing.assert_allclose(fitnesses, np.asarray(each).mean(axis=1), rtol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
@@ -127,10 +162,15 @@ def test_ant_descriptor_has_four_feet_that_change_with_the_gait():
             "--config.archive.pga.num_pg_training_steps=2",
             "--config.archive.pga.batch_size=8",
         ],
-        # A 1-D descriptor on CVT cells.
-        ["--config.archive.tessellation=cvt"],
+        # A 1-D descriptor on CVT cells, each offspring scored from 2 random
+        # starts, with an observation normaliser fitted on those episodes.
+        [
+            "--config.archive.tessellation=cvt",
+            "--config.archive.scoring_episodes=2",
+            "--config.archive.normalise_obs=true",
+        ],
     ],
-    ids=["pga_me-normalised", "hopper-cvt"],
+    ids=["pga_me-normalised", "hopper-cvt-robust"],
 )
 def test_variants_run_and_fill_cells(tiny_config_path, tmp_path, overrides):
     arg = ":hopper_uni" if "cvt" in overrides[0] else ""
@@ -140,10 +180,9 @@ def test_variants_run_and_fill_cells(tiny_config_path, tmp_path, overrides):
     rows = logs.read_metrics(tmp_path / "archive")
     assert rows[-1]["coverage"] >= rows[0]["coverage"] > 0
     assert meta["num_elites"] == int(np.sum(np.isfinite(data.fitnesses))) > 0
-    if config.archive.normalise_obs:
-        filled = np.isfinite(data.fitnesses)
-        log_std = np.asarray(data.params["params"]["obs_log_std"])[filled]
-        assert log_std.shape[1] == meta["policy"]["obs_size"]
-        assert not np.allclose(log_std, 0.0)  # fitted from rollouts, not the default
-    else:
+    filled = np.isfinite(data.fitnesses)
+    log_std = np.asarray(data.params["params"]["obs_log_std"])[filled]
+    assert log_std.shape[1] == meta["policy"]["obs_size"]
+    assert not np.allclose(log_std, 0.0)  # fitted from rollouts, not the default
+    if config.archive.tessellation == "cvt":
         assert data.centroids.shape == (16, 1)

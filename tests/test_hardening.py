@@ -197,6 +197,12 @@ def test_bad_labels_file_writes_nothing(
         ),
         ("archive", ["archive.policy_hidden_sizes=(0,)"], "hidden_sizes"),
         ("archive", ["archive.iso_sigma=nan"], "finite"),
+        ("archive", ["archive.scoring_episodes=0"], "scoring_episodes"),
+        (
+            "archive",
+            ["archive.emitter=pga_me", "archive.scoring_episodes=2"],
+            "map_elites",
+        ),
         ("archive", ["seed=-3"], "config.seed"),
         ("train-codec", ["codec.latent_dim=0"], "latent_dim"),
         ("evaluate", ["evaluate.memory_fraction=0"], "memory_fraction"),

@@ -157,6 +157,8 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
 # config.json lacks one of them was made with that value.
 ADDED_FIELDS = {
     "archive.num_ancestors": 0,
+    "archive.reeval_episodes": 8,
+    "archive.scoring_episodes": 1,
     "codec.obs_episodes": 0,
     "codec.visit_period": 0,
     "diffusion.return_neighbours": 0,

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lpd import devices, qd
+from lpd import devices, qd, rollouts
+from lpd import policy as policy_lib
 from lpd.workdir import atomic_path
 
 
@@ -64,6 +65,22 @@ def map_in_batches(
         for r, x in zip(jax.tree.leaves(result), jax.tree.leaves(out), strict=True):
             r[start:stop] = x[: stop - start]
     return result
+
+
+def reevaluate(task, flat: dict, num_episodes: int, batch_size: int, key, desc=""):
+    """Each policy of ``flat`` (``{path: [N, ...]}``) over ``num_episodes``
+    random-reset episodes of ``task`` (``(env, policy, episode_length)``).
+
+    Returns ``(returns [N], descriptors [N, D], lasted [N])``: the means over
+    the episodes, ``lasted`` being the fraction of its steps an episode took
+    before it ended (1: never fell).
+    """
+    env, policy, episode_length = task
+    eval_fn = rollouts.make_episodes_eval_fn(
+        env, policy, episode_length, num_episodes, batch_size, episode_fraction=True
+    )
+    score = jax.jit(lambda f, k: eval_fn(policy_lib.unflatten_params(f), k))
+    return map_in_batches(score, flat, batch_size, key, desc)
 
 
 def flat_vectors(flat: dict) -> jax.Array:

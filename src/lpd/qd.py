@@ -158,12 +158,26 @@ def make_scoring_fn(
     episode_length: int,
     init_key: jax.Array,
     sharding: jax.sharding.Sharding,
+    num_episodes: int = 1,
 ) -> Callable:
     """QDax's Brax scoring function, with the batch sharded over ``sharding``.
 
-    Every policy starts from the same initial state (drawn once from
-    ``init_key``), as in QDax's deterministic evaluation.
+    With ``num_episodes`` 1, every policy starts from the same initial state
+    (drawn once from ``init_key``), as in QDax's deterministic evaluation.
+    With more, each policy runs that many episodes from random resets drawn
+    from the call's key, and its fitness and descriptor are their means
+    (the transitions keep the episodes: ``[B, T, num_episodes, ...]``).
     """
+    if num_episodes > 1:
+        scoring_fn = episodes_scoring_fn(
+            env, policy, episode_length, num_episodes, sharding
+        )
+
+        def mean_scoring_fn(genotypes, key):
+            fitnesses, descriptors, extra = scoring_fn(genotypes, key)
+            return fitnesses.mean(axis=1), descriptors.mean(axis=1), extra
+
+        return mean_scoring_fn
     scoring_fn = create_brax_scoring_fn(
         env,
         policy,

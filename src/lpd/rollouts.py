@@ -71,8 +71,9 @@ def observation_stats(transitions) -> tuple[jax.Array, jax.Array]:
     valid = qd.valid_steps(transitions)
     obs = transitions.obs
     weights = valid[..., None] / jnp.sum(valid)
-    mean = jnp.sum(obs * weights, axis=(0, 1))
-    var = jnp.sum(jnp.square(obs - mean) * weights, axis=(0, 1))
+    steps = tuple(range(obs.ndim - 1))  # [B, T] or [B, T, episodes].
+    mean = jnp.sum(obs * weights, axis=steps)
+    var = jnp.sum(jnp.square(obs - mean) * weights, axis=steps)
     return mean, 0.5 * jnp.log(var + 1e-8)
 
 

@@ -90,31 +90,54 @@ def parse_sequence(text: str, meta: dict) -> np.ndarray:
     )
 
 
+def _outcome(metrics: dict, asks: np.ndarray, episode_steps: int) -> dict:
+    """What sequenced episodes achieved against their ``asks`` (``[S, K, D]``,
+    or ``[K, D]`` for the same asks in every episode), from
+    :func:`chunk_metrics`: the success rate (still up after
+    ``SUCCESS_FRACTION`` of the steps), the measure error over the chunks
+    reached alive past their settling steps (overall and per chunk, None
+    where none was), the share of episodes reaching each chunk, the mean
+    return and the mean episode steps."""
+    error = np.linalg.norm(metrics["descriptors"] - asks, axis=-1)  # [S, K]
+    reached = np.isfinite(error)
+    counts = reached.sum(axis=0)
+    per_chunk = np.where(reached, error, 0).sum(axis=0) / np.maximum(counts, 1)
+    return {
+        "success": float(
+            np.mean(metrics["alive_steps"] > SUCCESS_FRACTION * episode_steps)
+        ),
+        "measure_error": float(np.nanmean(error)) if reached.any() else None,
+        "measure_error_per_chunk": [
+            float(e) if n else None for e, n in zip(per_chunk, counts, strict=True)
+        ],
+        "reached_per_chunk": reached.mean(axis=0).tolist(),
+        "mean_return": float(metrics["returns"].sum(axis=1).mean()),
+        "mean_episode_steps": float(metrics["alive_steps"].mean()),
+    }
+
+
 def _summarise(metrics: dict, asked: np.ndarray, episode_length: int) -> dict:
     achieved = metrics["descriptors"]  # [S, K, D]
-    error = np.linalg.norm(achieved - asked[None], axis=-1)  # [S, K]
+    outcome = _outcome(metrics, asked, episode_length)
     chunks = []
     for k in range(len(asked)):
-        reached = np.isfinite(error[:, k])
+        reached = outcome["measure_error_per_chunk"][k] is not None
         chunks.append(
             {
                 "asked": np.float64(asked[k]).round(4).tolist(),
                 "achieved_mean": np.nanmean(achieved[:, k], axis=0).round(4).tolist()
-                if reached.any()
+                if reached
                 else None,
-                "measure_error": float(np.nanmean(error[:, k]))
-                if reached.any()
-                else None,
-                "reached_fraction": float(reached.mean()),
+                "measure_error": outcome["measure_error_per_chunk"][k],
+                "reached_fraction": outcome["reached_per_chunk"][k],
                 "mean_return": float(metrics["returns"][:, k].mean()),
             }
         )
-    success = metrics["alive_steps"] > SUCCESS_FRACTION * episode_length
     return {
         "chunks": chunks,
-        "success_rate": float(success.mean()),
-        "mean_return": float(metrics["returns"].sum(axis=1).mean()),
-        "mean_episode_steps": float(metrics["alive_steps"].mean()),
+        "success_rate": outcome["success"],
+        "mean_return": outcome["mean_return"],
+        "mean_episode_steps": outcome["mean_episode_steps"],
     }
 
 
@@ -302,38 +325,11 @@ def reachable_descriptors(meta: dict, elite_flat: dict, key) -> np.ndarray:
     each elite's over one random-reset episode of the archive's length, kept
     where the elite stayed up to the end."""
     env, policy = archive_lib.make_task(meta)
-    length = int(meta["episode_length"])
     num = len(next(iter(elite_flat.values())))
-    idx = np.arange(num + -num % jax.device_count()) % num  # Fills every device.
-    params = policy_lib.unflatten_params(
-        {p: jnp.asarray(x[idx][:, None]) for p, x in elite_flat.items()}
-    )
-    chunks = np.zeros(length, np.int32)
-    keys = jax.random.split(key, len(idx))
-    traj = _roll_out(env, policy, chunks, {"elites": params}, keys)["elites"]
-    m = chunk_metrics(traj["rewards"], traj["contacts"], traj["dones"], chunks, 1)
-    stayed_up = m["alive_steps"][:num] == length
-    return m["descriptors"][:num, 0][stayed_up]
-
-
-def _benchmark_summary(metrics: dict, asks: np.ndarray, episode_steps: int) -> dict:
-    error = np.linalg.norm(metrics["descriptors"] - asks, axis=-1)  # [S, K]
-    reached = np.isfinite(error)  # The chunk was reached alive past settling.
-    counts = reached.sum(axis=0)
-    per_chunk = np.where(reached, error, 0).sum(axis=0) / np.maximum(counts, 1)
-    return {
-        "success": float(
-            np.mean(metrics["alive_steps"] > SUCCESS_FRACTION * episode_steps)
-        ),
-        "measure_error": float(np.nanmean(error)) if reached.any() else None,
-        "measure_error_per_chunk": [
-            round(float(e), 4) if n else None
-            for e, n in zip(per_chunk, counts, strict=True)
-        ],
-        "reached_per_chunk": reached.mean(axis=0).round(4).tolist(),
-        "mean_return": float(metrics["returns"].sum(axis=1).mean()),
-        "mean_episode_steps": float(metrics["alive_steps"].mean()),
-    }
+    batch = num + -num % jax.device_count()  # One call, on every device.
+    task = (env, policy, int(meta["episode_length"]))
+    _, descriptors, lasted = evaluation.reevaluate(task, elite_flat, 1, batch, key)
+    return descriptors[lasted == 1]
 
 
 def run_benchmark(workdir, options: dict) -> dict:
@@ -389,7 +385,7 @@ def run_benchmark(workdir, options: dict) -> dict:
         env, policy, chunks, methods, jax.random.split(key_reset, num_seqs)
     )
     result = {
-        name: _benchmark_summary(
+        name: _outcome(
             chunk_metrics(
                 t["rewards"], t["contacts"], t["dones"], chunks, num_chunks, settle
             ),

@@ -25,6 +25,16 @@ def get_archive_config() -> ml_collections.ConfigDict:
             num_ancestors=0,
             num_iterations=300,
             log_period=10,  # iterations per jitted chunk / log / checkpoint
+            # Episodes each offspring is scored on: 1 is QDax's deterministic
+            # scoring (every policy from one fixed start state); N > 1 scores
+            # it from N random starts (mean return and foot contact), for
+            # elites that hold their gait from other states; N times the env
+            # steps. map_elites only.
+            scoring_episodes=1,
+            # Random-start episodes per elite of the check the stage ends with
+            # (how many stored cells the elites still fill re-run from random
+            # starts; meta.json "reevaluation"); 0 skips it.
+            reeval_episodes=8,
             iso_sigma=0.005,
             line_sigma=0.05,
             tessellation="grid",  # grid or cvt
