@@ -324,7 +324,7 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         centroids=repertoire.centroids,
     )
     if c.reeval_episodes:
-        meta["reevaluation"] = reevaluate(fns, archive, centroids, meta, c, key)
+        meta["reevaluation"] = reevaluate(fns, archive, meta, c, key)
     meta.update(
         format=archive_io.FORMAT,
         source="lpd archive",
@@ -340,7 +340,7 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     return directory
 
 
-def reevaluate(fns, archive, centroids, meta: dict, c, key) -> dict:
+def reevaluate(fns, archive, meta: dict, c, key) -> dict:
     """How the stored elites fare re-run from ``c.reeval_episodes`` random
     starts each (the evaluation's protocol): the cells their mean foot
     contact fills (QDax insertion by mean return) against the cells stored,
@@ -356,14 +356,16 @@ def reevaluate(fns, archive, centroids, meta: dict, c, key) -> dict:
         jax.random.fold_in(key, 1),
         "archive: re-evaluation",
     )
-    filled = qd.fill_archive(returns, descriptors, centroids, meta["fitness_offset"])
+    filled = evaluation.archive_summary(
+        returns, descriptors, archive.centroids, meta["fitness_offset"]
+    )
     result = {
         "episodes": c.reeval_episodes,
         "stored_cells": len(idx),
-        "filled_cells": int(np.sum(np.asarray(filled["cell_fitnesses"]) > -np.inf)),
-        "qd_score": float(filled["qd_score"]),
+        "filled_cells": filled["filled_cells"],
+        "qd_score": filled["qd_score"],
         "stayed_up_fraction": float(np.mean(lasted == 1)),
-        "mean_return": float(np.mean(returns)),
+        "mean_return": filled["mean_return"],
     }
     log.info(
         "archive: re-run from %d random starts each, the elites of %d cells "
