@@ -2,7 +2,7 @@
 
     python benchmarks/bench_sequence.py --workdir runs/default [--seed 0]
         [--sequences 256] [--chunks 4] [--chunk-steps N] [--settle 50]
-        [--guidance G]
+        [--guidance G] [--candidates C] [--replan 50] [--horizon 100]
 
 On a workdir whose archive, codec and diffusion stages are complete, draws
 ``--sequences`` sequences of ``--chunks`` asks from the foot-contact patterns
@@ -14,6 +14,10 @@ method (``generated``, ``nearest_elite``), the success rate (still up after
 80% of the episode), the measure error of each chunk after ``--settle``
 steps, and the return. ``--seed`` draws the asks, the samples and the resets;
 ``--guidance`` defaults to the scale the diffusion stage's sweep picked.
+With ``--candidates`` C > 1, each ask gets C generated policies (and the C
+nearest elites), and every ``--replan`` steps the one that a look-ahead of
+``--horizon`` steps from the current state keeps up longest (then nearest
+the ask) acts.
 """
 
 import argparse
@@ -38,6 +42,9 @@ def main() -> None:
     parser.add_argument("--chunk-steps", type=int, default=None)
     parser.add_argument("--settle", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--candidates", type=int, default=1)
+    parser.add_argument("--replan", type=int, default=50)
+    parser.add_argument("--horizon", type=int, default=100)
     args = parser.parse_args()
     options = {k: v for k, v in vars(args).items() if k != "workdir"}
     try:

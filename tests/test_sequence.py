@@ -55,6 +55,7 @@ def test_benchmark_asks_what_the_elites_reach_and_settling_changes_only_errors(
     assert 0 < len(reachable) <= len(next(iter(flat.values())))
     assert np.all((reachable >= 0) & (reachable <= 1))
     options = dict(sequences=4, chunks=2, chunk_steps=None, seed=0, guidance=None)
+    options.update(candidates=1, replan=25, horizon=10)
     runs = [
         sequence.run_benchmark(tiny_diffusion, {**options, "settle": settle})
         for settle in (0, 40)
@@ -74,6 +75,34 @@ def test_benchmark_asks_what_the_elites_reach_and_settling_changes_only_errors(
         assert a["measure_error"] != b["measure_error"]
     with pytest.raises(LpdError, match="--settle"):
         sequence.run_benchmark(tiny_diffusion, {**options, "settle": length})
+    # A look-ahead over 3 candidates: the same metrics, and its settings.
+    ahead = sequence.run_benchmark(
+        tiny_diffusion, {**options, "candidates": 3, "settle": 0}
+    )
+    assert (ahead["candidates"], ahead["replan_steps"], ahead["horizon_steps"]) == (
+        3,
+        25,
+        10,
+    )
+    for method in ("generated", "nearest_elite"):
+        m = ahead[method]
+        assert 0 <= m["success"] <= 1 and 0 < m["mean_episode_steps"] <= 2 * length
+    with pytest.raises(LpdError, match="--replan must divide"):
+        sequence.run_benchmark(
+            tiny_diffusion, {**options, "candidates": 2, "replan": 7, "settle": 0}
+        )
+
+
+def _constant_policies(layout, biases):
+    """Flat parameters of policies with zero weights and output bias b: each
+    always acts tanh(b)."""
+    last = max(p for p in layout if p.endswith("/bias"))
+    return {
+        p: jnp.zeros((*biases.shape[:-1], *shape))
+        if p != last
+        else biases * jnp.ones(shape)
+        for p, shape in layout.items()
+    }
 
 
 def test_rollout_swaps_policies_at_chunk_boundaries(tiny_archive):
@@ -81,13 +110,8 @@ def test_rollout_swaps_policies_at_chunk_boundaries(tiny_archive):
     # it always acts tanh(b_k); the actions show which policy acted when.
     meta = archive_io.load_meta(tiny_archive)
     env, policy = archive.make_task(meta)
-    layout = meta["layout"]
     biases = jnp.asarray([-0.5, 0.1, 0.7])
-    last = max(p for p in layout if p.endswith("/bias"))
-    flat = {
-        p: jnp.zeros((3, *shape)) if p != last else biases[:, None] * jnp.ones(shape)
-        for p, shape in layout.items()
-    }
+    flat = _constant_policies(meta["layout"], biases[:, None])
     chunks = sequence.chunk_index(env.episode_length, 3)
     out = rollouts.rollout(
         env, policy, policy_lib.unflatten_params(flat), chunks, jax.random.key(0)
@@ -98,6 +122,67 @@ def test_rollout_swaps_policies_at_chunk_boundaries(tiny_archive):
         expected[:, None] * np.ones((1, env.action_size)),
         rtol=1e-6,
     )
+
+
+def test_lookahead_picks_the_candidate_its_own_rollouts_score_best(tiny_archive):
+    meta = archive_io.load_meta(tiny_archive)
+    env, policy = archive.make_task(meta)
+    steps, horizon = env.episode_length, 20
+    biases = jnp.asarray([[-0.9], [0.0], [0.6], [0.95]])  # 2 chunks x 2 candidates.
+    flat = _constant_policies(meta["layout"], biases)
+    asks = jnp.full((2, len(meta["descriptor_names"])), 0.5)
+    segments = np.repeat([0, 1], 5)
+    key = jax.random.key(0)
+    out = rollouts.lookahead_rollout(
+        env,
+        policy,
+        policy_lib.unflatten_params(
+            {p: x.reshape(2, 2, *x.shape[1:]) for p, x in flat.items()}
+        ),
+        asks,
+        segments,
+        horizon,
+        key,
+    )
+    # The first segment starts from the reset: score the chunk's candidates
+    # on rollouts of their own from the same reset.
+    scores = []
+    for c in range(2):
+        alone = rollouts.rollout(
+            env,
+            policy,
+            policy_lib.unflatten_params({p: x[c : c + 1] for p, x in flat.items()}),
+            np.zeros(steps, np.int32),
+            key,
+        )
+        dones = np.asarray(alone["dones"][:horizon])
+        up = np.cumprod(1 - dones)
+        contact = (up[:, None] * np.asarray(alone["contacts"][:horizon])).sum(0)
+        contact /= max(up.sum(), 1)
+        width = 2 * np.sqrt(asks.shape[1])
+        scores.append(up.sum() - np.linalg.norm(contact - 0.5) / width)
+    assert scores[0] != scores[1]
+    picked = np.asarray(out["picked"])
+    assert picked.shape == (10,) and picked[0] == np.argmax(scores)
+    seg = steps // 10
+    acted = np.tanh(np.asarray(biases)[2 * segments + picked, 0])
+    np.testing.assert_allclose(
+        np.asarray(out["actions"])[:, 0], np.repeat(acted, seg), rtol=1e-6
+    )
+    # Identical candidates: the look-ahead leaves the episode as it was.
+    same = policy_lib.unflatten_params(
+        {p: jnp.broadcast_to(x[1], (2, 3, *x.shape[1:])) for p, x in flat.items()}
+    )
+    ahead = rollouts.lookahead_rollout(env, policy, same, asks, segments, horizon, key)
+    plain = rollouts.rollout(
+        env,
+        policy,
+        policy_lib.unflatten_params({p: x[1:2] for p, x in flat.items()}),
+        np.zeros(steps, np.int32),
+        key,
+    )
+    for name in ("rewards", "contacts", "dones", "actions"):
+        np.testing.assert_allclose(ahead[name], plain[name], rtol=1e-6, atol=1e-6)
 
 
 def test_sequence_cli_writes_report_plot_and_viewer(tiny_run, tmp_path, capsys):
@@ -123,6 +208,34 @@ def test_sequence_cli_writes_report_plot_and_viewer(tiny_run, tmp_path, capsys):
     again = tmp_path / "again"
     assert main([*argv, "--seeds", "4", "--out", str(again)]) == 0
     assert json.loads((again / "sequence.json").read_text()) == summary  # Same seed.
+    ahead = tmp_path / "ahead"
+    look = ["--candidates", "3", "--replan", "25", "--horizon", "10"]
+    assert main([*argv, "--seeds", "4", *look, "--out", str(ahead)]) == 0
+    summary = json.loads((ahead / "sequence.json").read_text())
+    assert summary["chunk_steps"] == [25, 25]  # The chunks start on re-picks.
+    assert (summary["candidates"], summary["replan_steps"]) == (3, 25)
+    assert summary["nearest_elite_descriptors"][0] == pytest.approx(
+        json.loads((out / "sequence.json").read_text())["nearest_elite_descriptors"][0]
+    )
+    assert "viewer" in (ahead / "episode.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--candidates", "0"], "--candidates must be > 0"),
+        (["--candidates", "2", "--replan", "7"], "--replan must divide"),
+        (["--candidates", "2", "--horizon", "0"], "--horizon be > 0"),
+        (["--candidates", "2", "--replan", "50"], "at most 1 chunks"),
+    ],
+)
+def test_sequence_lookahead_errors(tiny_run, tmp_path, capsys, extra, fragment):
+    out = tmp_path / "seq"
+    argv = ["sequence", "--workdir", str(tiny_run), "--descriptors", "0.1,0.9;0.9,0.1"]
+    assert main([*argv, *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err, err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -163,6 +276,12 @@ def test_sequence_by_texts(tiny_run, tmp_path, capsys):
     assert summary["asked"] == summary["nearest_elite_descriptors"]
     assert len(summary["generated"]["chunks"]) == 2
     assert "closest label" in printed
+    ahead = tmp_path / "ahead"
+    look = ["--candidates", "2", "--replan", "25", "--horizon", "10"]
+    assert main([*argv, "--seeds", "2", *look, "--out", str(ahead)]) == 0
+    again = json.loads((ahead / "sequence.json").read_text())
+    assert again["matched_labels"] == summary["matched_labels"]
+    assert again["asked"] == again["nearest_elite_descriptors"] == summary["asked"]
 
 
 @pytest.mark.parametrize(

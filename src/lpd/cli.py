@@ -110,6 +110,11 @@ def _add_tools(commands) -> None:
     seq.add_argument("--seeds", type=int, default=32, help="episodes (vmapped)")
     seq.add_argument("--guidance", type=float, help="default: the sweep's pick")
     seq.add_argument("--seed", type=int, default=0)
+    seq.add_argument(
+        "--candidates", type=int, default=1, help="policies per chunk (look-ahead)"
+    )
+    seq.add_argument("--replan", type=int, default=25, help="steps between picks")
+    seq.add_argument("--horizon", type=int, default=100, help="look-ahead steps")
     seq.add_argument("--out", required=True, help="directory to write (must not exist)")
 
 
@@ -261,7 +266,10 @@ def _sequence(args) -> None:
     else:
         meta = archive_io.load_meta(args.workdir)
         asked = sequence.parse_sequence(args.descriptors, meta)
-    options = {"seeds": args.seeds, "guidance": args.guidance, "seed": args.seed}
+    options = {
+        k: getattr(args, k)
+        for k in ("seeds", "guidance", "seed", "candidates", "replan", "horizon")
+    }
     summary = sequence.run_sequence(args.workdir, asked, options, args.out, texts)
     print(sequence.format_summary(summary))
     print(f"sequence: written to {args.out}")

@@ -146,3 +146,65 @@ def alive_mask(dones) -> np.ndarray:
     up to and including the first done (the env keeps stepping after it)."""
     dones = np.asarray(dones, bool)
     return (np.cumsum(dones, axis=-1) - dones) == 0
+
+
+def lookahead_rollout(env, policy, candidates, asks, segments, horizon: int, key):
+    """One episode from a random reset, cut into equal segments, in which the
+    acting policy is re-chosen at the start of every segment by looking ahead.
+
+    Segment n belongs to chunk ``segments[n]``; at its start each of that
+    chunk's C candidates is rolled out ``horizon`` steps from a copy of the
+    current state, and the one that stays up longest acts the segment, ties
+    broken by the distance between its look-ahead's mean foot contact and
+    the chunk's ask. Brax's bodies step deterministically, so the look-ahead
+    sees exactly what the candidate would do from there.
+
+    Args:
+        candidates: policy variables with leaves ``[K, C, ...]``.
+        asks: ``[K, D]`` the descriptor each chunk asks for.
+        segments: ``[N]`` int chunk of each segment; the episode has
+            ``env.episode_length`` steps, a multiple of N.
+        horizon: look-ahead steps (> 0).
+
+    Returns:
+        ``{"rewards" [T], "contacts" [T, D], "dones" [T], "actions" [T, A],
+        "picked" [N]}``: :func:`rollout`'s keys and the candidate that acted
+        each segment.
+    """
+    segments = jnp.asarray(segments)
+    seg_steps = env.episode_length // len(segments)
+    width = 2.0 * jnp.sqrt(asks.shape[-1])  # Above any contact distance.
+
+    def run(params, state, num):
+        def step(state, _):
+            action = policy.apply(params, state.obs)
+            state = env.step(state, action)
+            info = state.info["state_descriptor"]
+            return state, (state.reward, info, state.done, action)
+
+        return jax.lax.scan(step, state, None, length=num)
+
+    def score(params, state, ask):
+        _, (_, contacts, dones, _) = run(params, state, horizon)
+        up = jnp.cumprod(1.0 - dones)
+        contact = (up[:, None] * contacts).sum(0) / jnp.maximum(up.sum(), 1.0)
+        return up.sum() - jnp.linalg.norm(contact - ask) / width
+
+    def segment(state, k):
+        chunk = jax.tree.map(lambda x: x[k], candidates)
+        scores = jax.vmap(score, in_axes=(0, None, None))(chunk, state, asks[k])
+        pick = jnp.argmax(scores)
+        acting = jax.tree.map(lambda x: x[pick], chunk)
+        state, (rewards, contacts, dones, actions) = run(acting, state, seg_steps)
+        return state, (rewards, contacts, dones, actions, pick)
+
+    _, out = jax.lax.scan(segment, env.reset(key), segments)
+    rewards, contacts, dones, actions, picked = out
+    flat = lambda x: x.reshape(-1, *x.shape[2:])
+    return {
+        "rewards": flat(rewards),
+        "contacts": flat(contacts),
+        "dones": flat(dones),
+        "actions": flat(actions),
+        "picked": picked,
+    }
