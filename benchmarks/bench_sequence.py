@@ -2,7 +2,7 @@
 
     python benchmarks/bench_sequence.py --workdir runs/default [--seed 0]
         [--sequences 256] [--chunks 4] [--chunk-steps N] [--settle 50]
-        [--guidance G] [--candidates C] [--replan 50] [--horizon 100]
+        [--guidance G] [--candidates C] [--replan 25] [--horizon 100]
 
 On a workdir whose archive, codec and diffusion stages are complete, draws
 ``--sequences`` sequences of ``--chunks`` asks from the foot-contact patterns
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--settle", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--candidates", type=int, default=1)
-    parser.add_argument("--replan", type=int, default=50)
+    parser.add_argument("--replan", type=int, default=25)
     parser.add_argument("--horizon", type=int, default=100)
     args = parser.parse_args()
     options = {k: v for k, v in vars(args).items() if k != "workdir"}

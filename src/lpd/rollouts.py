@@ -8,6 +8,8 @@
   the codec's action-matching term; :func:`observation_stats` for normalisers;
 - :func:`rollout`: one episode whose acting policy changes at given steps,
   without a reset, for ``lpd sequence`` and ``lpd render``.
+- :func:`lookahead_rollout`: the same, with the acting policy re-picked
+  among candidates by looking ahead from the current state.
 
 The QDax calls themselves are in :mod:`lpd.qd`.
 """
