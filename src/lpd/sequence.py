@@ -240,6 +240,24 @@ def _candidate_asks(asks, neighbours):
     return np.concatenate([asks[..., None, :], neighbours[..., 1:, :]], axis=-2)
 
 
+def _candidates(cond, reference, stored, num_cands: int, neighbourhood: bool):
+    """Conditions ``[..., C, cond]`` and baseline elites ``[..., C]`` of C
+    candidates per ask (``[..., cond]`` and ``[...]`` for C = 1): the C
+    elites whose ``stored`` descriptors are nearest each ``reference``
+    ``[..., D]``; the generated ones asked for the ask and, with
+    ``neighbourhood``, those elites' descriptors (:func:`_candidate_asks`),
+    else C times for the ask."""
+    lead = reference.shape[:-1]
+    flat = jnp.asarray(reference.reshape(-1, reference.shape[-1]))
+    near = np.asarray(evaluation.nearest(flat, jnp.asarray(stored), num_cands)[1])
+    near = near.reshape(*lead, num_cands)
+    if neighbourhood:
+        cond = _candidate_asks(cond, stored[near])
+    else:
+        cond = np.broadcast_to(cond[..., None, :], (*near.shape, cond.shape[-1]))
+    return (cond[..., 0, :], near[..., 0]) if num_cands == 1 else (cond, near)
+
+
 def _lookahead_options(options: dict, steps: int, what: str) -> tuple:
     """``(candidates, replan, horizon)`` from ``options``, checked: with more
     than one candidate, ``replan`` must divide ``steps`` (``what``'s)."""
@@ -252,6 +270,45 @@ def _lookahead_options(options: dict, steps: int, what: str) -> tuple:
             f"got {replan} and {horizon}"
         )
     return num, replan, horizon
+
+
+def _lookahead_record(num: int, replan: int, horizon: int) -> dict:
+    """The look-ahead's settings as the summaries record them."""
+    on = num > 1
+    return {
+        "candidates": num,
+        "replan_steps": replan if on else None,
+        "horizon_steps": horizon if on else None,
+    }
+
+
+def _sequence_chunks(options: dict, length: int, num_chunks: int) -> tuple:
+    """``(candidates, replan, horizon, chunks [T])`` for ``lpd sequence``:
+    near-equal chunks, starting on multiples of ``replan`` with a look-ahead."""
+    num_cands, replan, horizon = _lookahead_options(options, length, "the episode")
+    step = 1 if num_cands == 1 else replan
+    if num_chunks > length // step:
+        raise LpdError(f"at most {length // step} chunks of {step} step(s) each")
+    chunks = np.repeat(chunk_index(length // step, num_chunks), step)
+    return num_cands, replan, horizon, chunks
+
+
+def _write_outputs(out, task, trajectories, methods, reference, chunks, key, replan):
+    """``out/contacts.png`` for both methods and ``out/episode.html``, seed
+    0 of the generated sequence as it was acted (the look-ahead's picks)."""
+    env, policy, meta = task
+    plots.plot_sequence_contacts(
+        {name: _alive_contacts(traj) for name, traj in trajectories.items()},
+        reference,
+        chunks,
+        meta["descriptor_names"],
+        out / "contacts.png",
+    )
+    first, acting = jax.tree.map(lambda x: x[0], methods["generated"]), chunks
+    if "picked" in trajectories["generated"]:
+        picked = trajectories["generated"]["picked"][0]
+        first, acting = _acted(first, chunks, picked, replan)
+    render.write_episode(env, policy, first, acting, key, out / "episode.html")
 
 
 def _acted(params, chunks, picked, replan: int):
@@ -292,26 +349,13 @@ def run_sequence(workdir, asked, options: dict, out, texts=None) -> dict:
     cond, reference, near, extra = _asks(workdir, asked, texts, archive, idx)
     env, policy = archive_lib.make_task(meta)
     num_chunks, length = len(reference), int(meta["episode_length"])
-    num_cands, replan, horizon = _lookahead_options(options, length, "the episode")
-    step = 1 if num_cands == 1 else replan
-    if num_chunks > length // step:
-        raise LpdError(f"at most {length // step} chunks of {step} step(s) each")
-    chunks = np.repeat(chunk_index(length // step, num_chunks), step)
+    num_cands, replan, horizon, chunks = _sequence_chunks(options, length, num_chunks)
+    stored = np.asarray(archive.descriptors)[idx]
     lookahead = None
-    if num_cands > 1:
-        stored = jnp.asarray(np.asarray(archive.descriptors)[idx])
-        near = np.asarray(
-            evaluation.nearest(jnp.asarray(reference), stored, num_cands)[1]
-        )
-        if texts is None:
-            cond = _candidate_asks(cond, np.asarray(stored)[near])
-        else:  # A sentence has no neighbourhood: C samples for it.
-            cond = np.broadcast_to(cond[:, None], (*near.shape, cond.shape[-1]))
-        lookahead = (
-            np.broadcast_to(reference, (num_seeds, *reference.shape)),
-            replan,
-            horizon,
-        )
+    if num_cands > 1:  # A sentence has no neighbourhood: C samples for it.
+        cond, near = _candidates(cond, reference, stored, num_cands, texts is None)
+        lookahead = (np.broadcast_to(reference, (num_seeds, *reference.shape)),)
+        lookahead += (replan, horizon)
     key_sample, key_reset = jax.random.split(jax.random.key(options["seed"]))
     tile = lambda x: np.broadcast_to(x, (num_seeds, *x.shape))
     methods = _policies(gen, guidance, (tile(cond), tile(near)), elite_flat, key_sample)
@@ -334,31 +378,19 @@ def run_sequence(workdir, asked, options: dict, out, texts=None) -> dict:
         "chunk_steps": np.bincount(chunks).tolist(),
         "seeds": num_seeds,
         "guidance": guidance,
-        "candidates": num_cands,
-        "replan_steps": replan if num_cands > 1 else None,
-        "horizon_steps": horizon if num_cands > 1 else None,
+        **_lookahead_record(num_cands, replan, horizon),
         "success_threshold_steps": SUCCESS_FRACTION * length,
         "descriptor_names": meta["descriptor_names"],
         "nearest_elite_descriptors": np.float64(
-            np.asarray(archive.descriptors)[idx][near.reshape(num_chunks, -1)[:, 0]]
+            stored[near.reshape(num_chunks, -1)[:, 0]]
         )
         .round(4)
         .tolist(),
         **summaries,
     }
     write_json(out / "sequence.json", summary)
-    plots.plot_sequence_contacts(
-        {name: _alive_contacts(traj) for name, traj in trajectories.items()},
-        reference,
-        chunks,
-        meta["descriptor_names"],
-        out / "contacts.png",
-    )
-    first, acting = jax.tree.map(lambda x: x[0], methods["generated"]), chunks
-    if num_cands > 1:
-        picked = trajectories["generated"]["picked"][0]
-        first, acting = _acted(first, chunks, picked, replan)
-    render.write_episode(env, policy, first, acting, keys[0], out / "episode.html")
+    task = (env, policy, meta)
+    _write_outputs(out, task, trajectories, methods, reference, chunks, keys[0], replan)
     return summary
 
 
@@ -448,48 +480,31 @@ def run_benchmark(workdir, options: dict) -> dict:
         raise LpdError(
             f"no elite of {workdir} stays up from a random start: nothing to ask"
         )
-    pick = np.asarray(
-        jax.random.choice(key_asks, len(reachable), (num_seqs, num_chunks))
-    )
-    asks = reachable[pick]  # [S, K, D]
-    stored = jnp.asarray(np.asarray(archive.descriptors)[idx])
-    flat_asks = jnp.asarray(asks.reshape(-1, asks.shape[-1]))
-    _, near = evaluation.nearest(flat_asks, stored, num_cands)
-    near = np.asarray(near).reshape(num_seqs, num_chunks, num_cands)
-    cond = _candidate_asks(asks, np.asarray(stored)[near])
-    if num_cands == 1:
-        cond, near = cond[:, :, 0], near[:, :, 0]
+    pick = jax.random.choice(key_asks, len(reachable), (num_seqs, num_chunks))
+    asks = reachable[np.asarray(pick)]  # [S, K, D]
+    stored = np.asarray(archive.descriptors)[idx]
+    cond, near = _candidates(asks, asks, stored, num_cands, neighbourhood=True)
     methods = _policies(gen, guidance, (cond, near), elite_flat, key_sample)
     episode_steps = num_chunks * chunk_steps
     env, policy = archive_lib.make_task({**meta, "episode_length": episode_steps})
     chunks = np.repeat(np.arange(num_chunks, dtype=np.int32), chunk_steps)
     lookahead = None if num_cands == 1 else (asks, replan, horizon)
-    trajectories = _roll_out(
-        env, policy, chunks, methods, jax.random.split(key_reset, num_seqs), lookahead
+    keys = jax.random.split(key_reset, num_seqs)
+    trajectories = _roll_out(env, policy, chunks, methods, keys, lookahead)
+    metrics = lambda t: chunk_metrics(
+        t["rewards"], t["contacts"], t["dones"], chunks, num_chunks, settle
     )
-    result = {
-        name: _outcome(
-            chunk_metrics(
-                t["rewards"], t["contacts"], t["dones"], chunks, num_chunks, settle
-            ),
-            asks,
-            episode_steps,
-        )
-        for name, t in (
-            ("generated", trajectories["generated"]),
-            ("nearest_elite", trajectories["nearest_elites"]),
-        )
-    }
     return {
-        **result,
+        "generated": _outcome(metrics(trajectories["generated"]), asks, episode_steps),
+        "nearest_elite": _outcome(
+            metrics(trajectories["nearest_elites"]), asks, episode_steps
+        ),
         "sequences": num_seqs,
         "chunks": num_chunks,
         "chunk_steps": chunk_steps,
         "archive_episode_length": int(meta["episode_length"]),
         "settle_steps": settle,
-        "candidates": num_cands,
-        "replan_steps": replan if num_cands > 1 else None,
-        "horizon_steps": horizon if num_cands > 1 else None,
+        **_lookahead_record(num_cands, replan, horizon),
         "seed": options["seed"],
         "guidance": guidance,
         "reachable_elites": len(reachable),
