@@ -8,6 +8,7 @@ import pytest
 
 from lpd import archive, archive_io, logs
 from lpd.config import load_config
+from lpd.errors import LpdError
 
 pytestmark = pytest.mark.brax
 
@@ -186,3 +187,72 @@ def test_variants_run_and_fill_cells(tiny_config_path, tmp_path, overrides):
     assert not np.allclose(log_std, 0.0)  # fitted from rollouts, not the default
     if config.archive.tessellation == "cvt":
         assert data.centroids.shape == (16, 1)
+
+
+# DCRL-ME shrunk to compile quickly: 4 policy-gradient and 4 actor-injected
+# offspring of the tiny batch's 16, a small critic and buffer.
+DCRL_OVERRIDES = [
+    "--config.archive.emitter=dcrl_me",
+    "--config.archive.dcrl.dcrl_batch_size=4",
+    "--config.archive.dcrl.ai_batch_size=4",
+    "--config.archive.dcrl.replay_buffer_size=2000",
+    "--config.archive.dcrl.critic_hidden_layer_size=(16,16)",
+    "--config.archive.dcrl.num_critic_training_steps=2",
+    "--config.archive.dcrl.num_pg_training_steps=2",
+    "--config.archive.dcrl.batch_size=8",
+    "--config.archive.reeval_episodes=2",
+]
+
+
+@pytest.mark.slow
+def test_dcrl_me_resumes_and_saves_its_actor(
+    tiny_config_path, tmp_path, run_killed_after
+):
+    from lpd import policy as policy_lib
+    from lpd import qd
+
+    config = load_config(tiny_config_path, DCRL_OVERRIDES)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    archive.run_archive_stage(config, whole)
+    run_killed_after(2, lambda: archive.run_archive_stage(config, resumed))
+    archive.run_archive_stage(config, resumed)
+    data, meta = archive_io.load_archive(whole)
+    _assert_same_archive(archive_io.load_archive(resumed)[0], data)
+    actor = archive_io.load_actor(whole)
+    _assert_same_archive(archive_io.load_actor(resumed), actor)
+    assert meta["num_elites"] > 0 and meta["actor"]["kind"] == "dcrl_me"
+    obs_size, dims = meta["policy"]["obs_size"], len(meta["descriptor_names"])
+    kernel = actor["params"]["Dense_0"]["kernel"]
+    assert kernel.shape == (obs_size + dims, 8)
+    assert meta["actor"]["params"] == policy_lib.count_params(actor)
+
+    # Conditioned on a descriptor, the actor is a policy of the archive's kind:
+    # its actions are the actor's on the observation and the descriptor
+    # scaled to [-1, 1].
+    env, policy = archive.make_task(meta)
+    asks = np.array([[0.1, 0.9], [0.7, 0.3]], np.float32)
+    obs = np.random.default_rng(0).normal(size=(2, obs_size)).astype(np.float32)
+    policies = qd.actor_as_policies(actor, asks)
+    as_policy = jax.vmap(policy.apply)(policies, obs)
+    direct = qd.dcrl_actor(policy).apply(actor, obs, 2 * asks - 1)
+    np.testing.assert_allclose(as_policy, direct, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(
+        as_policy[0], qd.dcrl_actor(policy).apply(actor, obs[0], 2 * asks[1] - 1)
+    )  # The descriptor changes the actions.
+
+    # The npz export carries the actor under its own keys; an import keeps it.
+    out = archive_io.export_npz(whole, tmp_path / "dcrl.npz")
+    with np.load(out, allow_pickle=False) as npz:
+        assert "actor/params/Dense_0/kernel" in npz.files
+    archive.import_archive(out, tmp_path / "imported")
+    _assert_same_archive(archive_io.load_actor(tmp_path / "imported"), actor)
+    # An actor whose first layer lacks the descriptor rows is refused.
+    with np.load(out, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["actor/params/Dense_0/kernel"] = arrays["actor/params/Dense_0/kernel"][
+        :obs_size
+    ]
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(LpdError, match="do not match a DCRL actor"):
+        archive.import_archive(tmp_path / "bad.npz", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -268,7 +268,7 @@ def test_baselines_can_be_left_out(tmp_path):
             ({"params/w": w}, w[:, :2], lambda scored: float(np.sum(scored[0]))),
             w,
             (jax.random.key(0), jax.random.key(1), w[:3, :2]),
-            with_baselines,
+            (with_baselines, None),
         )
         scored = {p.name for p in parts.iterdir()}
         assert {"original", "codec", "generated", "uniform"} <= scored
@@ -278,3 +278,47 @@ def test_baselines_can_be_left_out(tmp_path):
         else:
             assert results.baselines is None
             assert not any(n.startswith(("noise", "mean")) for n in scored)
+
+
+def test_a_dcrl_actor_gets_rows_scored_like_every_set(
+    tiny_run, tiny_config_path, tmp_path
+):
+    from lpd import archive_io
+    from lpd import policy as policy_lib
+
+    workdir = tmp_path / "w"
+    shutil.copytree(tiny_run, workdir)
+    for name in ("meta.json", "report.json"):  # The other sets' parts are kept.
+        (workdir / "report" / name).unlink()
+    # An actor that is elite 0 whatever the descriptor (zero descriptor rows).
+    archive, meta = archive_io.load_archive(workdir)
+    cells, flat = archive_io.elites(archive)
+    actor = policy_lib.unflatten_params({p: x[0] for p, x in flat.items()})
+    first = actor["params"]["Dense_0"]
+    dims = len(meta["descriptor_names"])
+    first["kernel"] = np.concatenate(
+        [first["kernel"], np.zeros((dims, first["kernel"].shape[1]), np.float32)]
+    )
+    meta["actor"] = archive_io.actor_meta(actor)
+    archive_io.save_archive(workdir / "archive", archive, meta, actor=actor)
+
+    run_evaluate_stage(load_config(tiny_config_path), workdir)
+    report, before = _report(workdir), _report(tiny_run)
+    row = report.pop("dcrl_actor")
+    assert report == before  # Every other set is as it was.
+    keys = {"reward_ratio", "coverage_ratio", "qd_score_ratio", "measure_error"}
+    assert keys <= set(row) and keys <= set(row["uniform"])
+    assert row["compression_ratio"] == pytest.approx(
+        report["archive_params"] / meta["actor"]["params"]
+    )
+    # Asked for elite 0's descriptor, the actor is elite 0 on elite 0's episodes.
+    parts = workdir / "report" / "parts"
+    with (
+        np.load(parts / "dcrl_actor" / "00000.npz") as a,
+        np.load(parts / "original" / "00000.npz") as o,
+    ):
+        assert a["arr_0"][0] == pytest.approx(o["arr_0"][0], rel=1e-5)
+        assert not np.allclose(a["arr_0"], o["arr_0"])  # The others are not.
+    markdown = (workdir / "report" / "report.md").read_text()
+    assert "| DCRL-ME actor |" in markdown
+    assert "| uniform sweep: DCRL-ME actor |" in markdown

@@ -56,6 +56,7 @@ class SearchSpec:
     iso_sigma: float
     line_sigma: float
     pga: tuple[tuple[str, object], ...]
+    dcrl: tuple[tuple[str, object], ...]
     log_period: int
     seed: int
 
@@ -63,10 +64,13 @@ class SearchSpec:
 def spec_from_config(config: ml_collections.ConfigDict) -> SearchSpec:
     """Reads the archive part of an experiment config into a ``SearchSpec``."""
     c = config.archive
-    pga = tuple(
-        (k, tuple(v) if isinstance(v, (list, tuple)) else v)
-        for k, v in sorted(c.pga.items())
-    )
+
+    def settings(group):
+        return tuple(
+            (k, tuple(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in sorted(group.items())
+        )
+
     return SearchSpec(
         env_name=c.env,
         backend=c.backend,
@@ -79,7 +83,8 @@ def spec_from_config(config: ml_collections.ConfigDict) -> SearchSpec:
         scoring_episodes=c.scoring_episodes,
         iso_sigma=c.iso_sigma,
         line_sigma=c.line_sigma,
-        pga=pga,
+        pga=settings(c.pga),
+        dcrl=settings(c.dcrl),
         log_period=c.log_period,
         seed=config.seed,
     )
@@ -105,13 +110,19 @@ def make_search_fns(spec: SearchSpec) -> SearchFns:
     key_reset = jax.random.fold_in(jax.random.key(spec.seed), 0)
     sharding = batch_sharding(spec.batch_size)
     scoring_fn = qd.make_scoring_fn(
-        env, policy, spec.episode_length, key_reset, sharding, spec.scoring_episodes
+        env,
+        policy,
+        spec.episode_length,
+        key_reset,
+        sharding,
+        spec.scoring_episodes,
+        dcrl_transitions=spec.emitter == "dcrl_me",
     )
     emitter = qd.make_emitter(
         spec.emitter,
         spec.batch_size,
         {"iso_sigma": spec.iso_sigma, "line_sigma": spec.line_sigma},
-        dict(spec.pga),
+        dict(spec.dcrl if spec.emitter == "dcrl_me" else spec.pga),
         policy,
         env,
     )
@@ -257,6 +268,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"archive.scoring_episodes > 1 works with emitter 'map_elites' only, "
             f"not {c.emitter!r}; set archive.scoring_episodes=1"
         )
+    if c.emitter == "dcrl_me":
+        _validate_dcrl(c)
     if c.iso_sigma < 0 or c.line_sigma < 0:
         raise LpdError("archive.iso_sigma and archive.line_sigma must be >= 0")
     if c.tessellation == "grid" and any(n <= 0 for n in c.grid_shape):
@@ -266,6 +279,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if c.tessellation == "cvt" and c.num_cvt_cells <= 0:
         raise LpdError(f"archive.num_cvt_cells must be > 0, got {c.num_cvt_cells}")
+
+
+def _validate_dcrl(c: ml_collections.ConfigDict) -> None:
+    """One-line errors for DCRL-ME settings that cannot run."""
+    if c.normalise_obs:
+        raise LpdError(
+            "archive.emitter 'dcrl_me' builds policies from its actor, which has "
+            "no observation normaliser; set archive.normalise_obs=false"
+        )
+    injected = c.dcrl.dcrl_batch_size + c.dcrl.ai_batch_size
+    if min(c.dcrl.dcrl_batch_size, c.dcrl.ai_batch_size) < 1 or injected >= (
+        c.batch_size
+    ):
+        raise LpdError(
+            "archive.dcrl.dcrl_batch_size and archive.dcrl.ai_batch_size must be "
+            f">= 1 and sum below archive.batch_size ({c.batch_size}: the rest "
+            f"are GA offspring), got {c.dcrl.dcrl_batch_size} and "
+            f"{c.dcrl.ai_batch_size}"
+        )
 
 
 def _imported(directory: Path) -> bool:
@@ -313,7 +345,7 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     repertoire, emitter_state, start = _start_or_resume(
         fns, spec, meta, centroids, (key_policies, key_init), directory
     )
-    repertoire = _search(
+    repertoire, emitter_state = _search(
         fns, (repertoire, emitter_state), start, c, key_search, directory
     )
 
@@ -336,7 +368,13 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         versions=archive_io.package_versions(),
         config=config_dict,
     )
-    archive_io.save_archive(directory, archive, meta, plots.plot_archive_heatmap)
+    actor = None
+    if c.emitter == "dcrl_me":  # QDax's state: (DCRL emitter's, GA's).
+        actor = emitter_state.emitter_states[0].actor_params
+        meta["actor"] = archive_io.actor_meta(actor)
+    archive_io.save_archive(
+        directory, archive, meta, plots.plot_archive_heatmap, actor=actor
+    )
     return directory
 
 
@@ -397,12 +435,14 @@ def import_archive(npz, workdir) -> dict:
                 f"{target} holds an unfinished archive search; finish it with "
                 "`lpd archive` or import into another --workdir"
             )
-    archive, meta = archive_io.read_npz(npz, describe_env)
+    archive, meta, actor = archive_io.read_npz(npz, describe_env)
     if target.exists():  # An interrupted import's leftovers: replaced.
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        archive_io.save_archive(tmp, archive, meta, plots.plot_archive_heatmap)
+        archive_io.save_archive(
+            tmp, archive, meta, plots.plot_archive_heatmap, actor=actor
+        )
     return meta
 
 
@@ -443,7 +483,8 @@ def _start_or_resume(fns, spec, meta, centroids, keys, directory):
 
 
 def _search(fns, state, start, c, key, directory):
-    """Runs chunks from iteration ``start`` to the end; returns the repertoire."""
+    """Runs chunks from iteration ``start`` to the end; returns the
+    repertoire and the emitter state."""
     repertoire, emitter_state = state
     writer = MetricsWriter(directory, resume_step=start)
     clock = StageClock(directory)
@@ -483,4 +524,4 @@ def _search(fns, state, start, c, key, directory):
     finally:
         bar.close()
         writer.close()
-    return repertoire
+    return repertoire, emitter_state

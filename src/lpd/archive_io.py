@@ -3,6 +3,8 @@
 ``<workdir>/archive/`` holds, once the stage is complete:
 
 - ``repertoire/``: orbax checkpoint of an :class:`Archive`;
+- ``actor/``: for a DCRL-ME search, its descriptor-conditioned actor
+  (orbax; ``meta.json`` ``actor`` gives its layout);
 - ``meta.json``: env, backend, episode length, descriptor names and bounds,
   fitness offset, policy layout, package versions, config (written last: its
   presence marks the stage complete);
@@ -88,12 +90,29 @@ def _template(meta: dict) -> Archive:
     )
 
 
-def save_archive(directory, archive: Archive, meta: dict, plot_fn=None) -> None:
-    """Writes the archive into ``directory``, optionally its plot, and
-    ``meta.json`` last."""
+ACTOR_PREFIX = "actor/"  # npz keys of the DCRL actor: "actor/params/Dense_0/kernel"
+
+
+def actor_meta(actor) -> dict:
+    """``meta.json``'s ``actor``: the DCRL actor's layout and size."""
+    flat = policy_lib.flatten_params(actor)
+    return {
+        "kind": "dcrl_me",
+        "layout": {path: list(flat[path].shape) for path in sorted(flat)},
+        "params": policy_lib.count_params(actor),
+    }
+
+
+def save_archive(
+    directory, archive: Archive, meta: dict, plot_fn=None, actor=None
+) -> None:
+    """Writes the archive (and a DCRL ``actor``, whose layout ``meta``
+    names) into ``directory``, optionally its plot, and ``meta.json`` last."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     checkpoints.save_tree(directory / "repertoire", archive)
+    if actor is not None:
+        checkpoints.save_tree(directory / "actor", actor)
     if plot_fn is not None:
         plot_fn(archive, meta, directory / "heatmap.png")
     write_json(directory / "meta.json", meta)
@@ -125,6 +144,18 @@ def load_archive(workdir) -> tuple[Archive, dict]:
     return checkpoints.load_tree(path, _template(meta), "the archive"), meta
 
 
+def load_actor(workdir) -> dict | None:
+    """The DCRL actor saved with the archive of ``workdir``, or None."""
+    meta = load_meta(workdir)
+    if "actor" not in meta:
+        return None
+    template = policy_lib.unflatten_params(
+        policy_lib.layout_template(meta["actor"]["layout"])
+    )
+    path = archive_dir(workdir) / "actor"
+    return checkpoints.load_tree(path, template, "the DCRL actor")
+
+
 def export_npz(workdir, out: str | os.PathLike) -> Path:
     """Writes the archive of ``workdir`` as an npz (see the README's schema)."""
     out = workdir_lib.check_out(out, ".npz")
@@ -139,6 +170,10 @@ def export_npz(workdir, out: str | os.PathLike) -> Path:
         centroids=np.asarray(archive.centroids),
         metadata=np.asarray(json.dumps(meta)),
     )
+    actor = load_actor(workdir)
+    if actor is not None:
+        for path, leaf in policy_lib.flatten_params(actor).items():
+            arrays[ACTOR_PREFIX + path] = np.asarray(leaf)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp, tmp.open("wb") as f:
         np.savez(f, **arrays)
@@ -186,8 +221,9 @@ def _check_metadata(given, path: Path) -> None:
         )
 
 
-def read_npz(path: str | os.PathLike, describe_env) -> tuple[Archive, dict]:
-    """Reads and validates an archive npz (keys, shapes, dtypes, values).
+def read_npz(path: str | os.PathLike, describe_env) -> tuple[Archive, dict, Any]:
+    """Reads and validates an archive npz (keys, shapes, dtypes, values);
+    returns the archive, its metadata and its DCRL actor (or None).
 
     Args:
         path: the npz file.
@@ -206,6 +242,9 @@ def read_npz(path: str | os.PathLike, describe_env) -> tuple[Archive, dict]:
         raise LpdError(f"{path}: 'metadata' is not JSON ({e})") from e
     _check_metadata(given, path)
     meta = describe_env(given)
+    actor = _actor_from_arrays(arrays, meta, path)
+    if actor is not None:
+        meta["actor"] = actor_meta(actor)
     archive = _archive_from_arrays(arrays, meta, path)
     meta.update(
         num_cells=int(archive.fitnesses.shape[0]),
@@ -217,7 +256,33 @@ def read_npz(path: str | os.PathLike, describe_env) -> tuple[Archive, dict]:
         versions=package_versions(),
         format=FORMAT,
     )
-    return archive, meta
+    return archive, meta, actor
+
+
+def _actor_from_arrays(arrays: dict, meta: dict, path: Path):
+    """Pops the ``actor/...`` keys: a DCRL actor is the policy's layout with
+    one first-layer kernel row per descriptor dimension added; None when
+    there are none."""
+    names = [k for k in arrays if k.startswith(ACTOR_PREFIX)]
+    if not names:
+        return None
+    flat = {k.removeprefix(ACTOR_PREFIX): arrays.pop(k) for k in names}
+    expected = {k: list(v) for k, v in meta["layout"].items()}
+    first = "params/Dense_0/kernel"
+    if first in expected:
+        expected[first][0] += len(meta["descriptor_names"])
+    for name, x in flat.items():
+        if x.dtype.kind != "f" or not np.isfinite(x).all():
+            raise LpdError(f"{path}: {ACTOR_PREFIX + name!r} must hold finite floats")
+    got = {k: list(v.shape) for k, v in flat.items()}
+    if got != expected:
+        raise LpdError(
+            f"{path}: the actor's keys and shapes {got} do not match a DCRL actor "
+            f"of this policy: {expected}"
+        )
+    return policy_lib.unflatten_params(
+        {k: v.astype(np.float32) for k, v in flat.items()}
+    )
 
 
 def _legacy_normaliser(arrays: dict) -> dict:

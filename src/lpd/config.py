@@ -152,10 +152,16 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json())
 
 
+# A settings group added later that only an option added with it reads
+# (``archive.dcrl`` is read with ``emitter="dcrl_me"`` only): a stage made
+# before it existed matches any value of it.
+UNUSED = object()
+
 # Fields added after workdirs were made with earlier versions, and the value
 # that gives the behaviour from before each field existed: a stage whose
 # config.json lacks one of them was made with that value.
 ADDED_FIELDS = {
+    "archive.dcrl": UNUSED,
     "archive.num_ancestors": 0,
     "archive.reeval_episodes": 8,
     "archive.scoring_episodes": 1,
@@ -177,6 +183,8 @@ def diff_configs(old: dict, new: dict, prefix: str = "config") -> list[str]:
         a, b = old.get(key), new.get(key)
         if key not in old and path.removeprefix("config.") in ADDED_FIELDS:
             a = ADDED_FIELDS[path.removeprefix("config.")]
+            if a is UNUSED:
+                continue
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += diff_configs(a, b, path)
         elif a != b:

@@ -42,6 +42,7 @@ from lpd import (
     evaluation,
     generator,
     labels,
+    qd,
     report,
     rollouts,
     text,
@@ -279,12 +280,13 @@ def _make_scoring(c, gens, guidance, task, flat, batch, parts) -> Scoring:
 
 
 def _score_sets(
-    s: Scoring, elites: tuple, latents, asks: tuple, with_baselines: bool
+    s: Scoring, elites: tuple, latents, asks: tuple, extras: tuple
 ) -> report.Results:
     """Every policy set under the protocol: originals, codec reconstructions
     (each elite decoded from its stored unit-variance latent ``[N, L]``),
-    generated policies (and at the top return), the uniform sweep and, with
-    ``with_baselines``, the copy-and-perturb baselines.
+    generated policies (and at the top return), the uniform sweep and, from
+    ``extras = (with_baselines, actor)``, the copy-and-perturb baselines
+    and a DCRL actor (None: none) conditioned on both ask sets.
 
     Args:
         elites: ``(flat params {path: [N, ...]}, stored descriptors [N, D],
@@ -317,6 +319,17 @@ def _score_sets(
         s.batch,
         key_eval,
     )
+    with_baselines, actor = extras
+    dcrl_actor = None
+    if actor is not None:
+        as_policies = jax.jit(
+            lambda d: policy_lib.flatten_params(qd.actor_as_policies(actor, d))
+        )
+        actor_fn = lambda d, key: s.score(as_policies(d), key)
+        dcrl_actor = {
+            "archive": run(actor_fn, asked, "archive", "dcrl_actor")[:2],
+            "uniform": run(actor_fn, uniform_asked, "uniform", "dcrl_uniform")[:2],
+        }
     baselines = None
     if with_baselines:
         baselines = baselines_lib.run_baselines(
@@ -335,6 +348,7 @@ def _score_sets(
         elite_distances=reference[:, 1],
         top_return=top,
         baselines=baselines,
+        dcrl_actor=dcrl_actor,
     )
 
 
@@ -382,7 +396,7 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         (flat, asked, qd_score_fn),
         latents,
         (key_eval, key_uniform_eval, uniform_asked),
-        c.baselines,
+        (c.baselines, archive_io.load_actor(workdir)),
     )
     text_scores = _text_metric(scoring, meta, c.text_samples, key_text)
     summary = report.summarise(

@@ -25,6 +25,8 @@ from qdax.core.containers.mapelites_repertoire import (
 from qdax.core.emitters.mutation_operators import isoline_variation
 from qdax.core.emitters.standard_emitters import MixingEmitter
 from qdax.core.map_elites import MAPElites
+from qdax.core.neuroevolution.buffers.buffer import DCRLTransition
+from qdax.core.neuroevolution.networks.networks import MLPDC
 from qdax.tasks.brax.descriptor_extractors import get_feet_contact_proportion
 from qdax.tasks.brax.v2 import reward_offset as QDAX_REWARD_OFFSET
 from qdax.tasks.brax.v2.env_creators import (
@@ -49,7 +51,7 @@ ENVS = {
     "ant_uni": "ant",
 }
 BACKENDS = ("spring", "positional", "generalized", "mjx")
-EMITTERS = ("map_elites", "pga_me")
+EMITTERS = ("map_elites", "pga_me", "dcrl_me")
 
 
 # A foot touches the ground when its contact distance is at most this, per
@@ -159,6 +161,7 @@ def make_scoring_fn(
     init_key: jax.Array,
     sharding: jax.sharding.Sharding,
     num_episodes: int = 1,
+    dcrl_transitions: bool = False,
 ) -> Callable:
     """QDax's Brax scoring function, with the batch sharded over ``sharding``.
 
@@ -167,6 +170,8 @@ def make_scoring_fn(
     With more, each policy runs that many episodes from random resets drawn
     from the call's key, and its fitness and descriptor are their means
     (the transitions keep the episodes: ``[B, T, num_episodes, ...]``).
+    With ``dcrl_transitions``, the transitions are QDax's ``DCRLTransition``
+    (the DCRL-ME emitter fills in their descriptors); one episode only.
     """
     if num_episodes > 1:
         scoring_fn = episodes_scoring_fn(
@@ -183,6 +188,7 @@ def make_scoring_fn(
         policy,
         get_feet_contact_proportion,
         init_key,
+        play_step_fn=_dcrl_play_step_fn(env, policy) if dcrl_transitions else None,
         episode_length=episode_length,
         deterministic=True,
     )
@@ -192,6 +198,31 @@ def make_scoring_fn(
         return scoring_fn(genotypes, key)
 
     return sharded_scoring_fn
+
+
+def _dcrl_play_step_fn(env, policy) -> Callable:
+    """QDax's Brax play step, recording ``DCRLTransition``s: the transition
+    QDax's own step records, with zero descriptors for the emitter to set."""
+    zeros = jnp.zeros(env.descriptor_length)
+
+    def play_step_fn(env_state, policy_params, key):
+        actions = policy.apply(policy_params, env_state.obs)
+        next_state = env.step(env_state, actions)
+        transition = DCRLTransition(
+            obs=env_state.obs,
+            next_obs=next_state.obs,
+            rewards=next_state.reward,
+            dones=next_state.done,
+            truncations=next_state.info["truncation"],
+            actions=actions,
+            state_desc=env_state.info["state_descriptor"],
+            next_state_desc=next_state.info["state_descriptor"],
+            desc=zeros,
+            desc_prime=zeros,
+        )
+        return next_state, policy_params, key, transition
+
+    return play_step_fn
 
 
 def episodes_scoring_fn(
@@ -267,21 +298,52 @@ def _register_brax_v1_shim() -> None:
             sys.modules[name] = module
 
 
+def dcrl_actor(policy) -> MLPDC:
+    """DCRL-ME's descriptor-conditioned actor for ``policy``: the same MLP
+    (tanh layers, tanh actions) on the observation and the descriptor
+    scaled to ``[-1, 1]``, so that with a descriptor folded into its first
+    layer's bias it is a ``policy`` (see :func:`actor_as_policies`)."""
+    return MLPDC(
+        layer_sizes=(*policy.hidden_sizes, policy.action_size),
+        activation=jnp.tanh,
+        kernel_init=jax.nn.initializers.lecun_uniform(),
+        final_activation=jnp.tanh,
+    )
+
+
+def actor_as_policies(actor_params, descriptors: jax.Array) -> dict:
+    """The DCRL actor conditioned on each of ``descriptors`` ``[N, D]`` (in
+    ``[0, 1]``): ``N`` policy parameter sets, as DCRL-ME's actor injection
+    builds them (descriptor rows of the first kernel folded into its bias)."""
+    num_dims = descriptors.shape[-1]
+    first = actor_params["params"]["Dense_0"]
+    kernel, desc_rows = first["kernel"][:-num_dims], first["kernel"][-num_dims:]
+
+    def one(descriptor):
+        bias = first["bias"] + (2.0 * descriptor - 1.0) @ desc_rows
+        layers = {**actor_params["params"], "Dense_0": {"kernel": kernel, "bias": bias}}
+        return {"params": layers}
+
+    return jax.vmap(one)(jnp.asarray(descriptors, jnp.float32))
+
+
 def make_emitter(
     emitter: str,
     batch_size: int,
     variation: dict,
-    pga: dict,
+    settings: dict,
     policy,
     env: brax_envs.Env,
 ):
     """A QDax emitter producing ``batch_size`` offspring per iteration.
 
     Args:
-        emitter: "map_elites" (isoline variation) or "pga_me".
+        emitter: "map_elites" (isoline variation), "pga_me" or "dcrl_me".
         batch_size: offspring per iteration.
         variation: ``iso_sigma``, ``line_sigma`` of the isoline operator.
-        pga: PGA-ME settings (fields of QDax's ``PGAMEConfig``).
+        settings: the emitter's own settings: for "pga_me" the fields of
+            QDax's ``PGAMEConfig``, for "dcrl_me" those of ``DCRLMEConfig``
+            but ``ga_batch_size`` (the rest of ``batch_size``).
         policy: the Flax policy module.
         env: the task.
     """
@@ -301,8 +363,17 @@ def make_emitter(
         _register_brax_v1_shim()
         from qdax.core.emitters.pga_me_emitter import PGAMEConfig, PGAMEEmitter
 
-        config = PGAMEConfig(env_batch_size=batch_size, **pga)
+        config = PGAMEConfig(env_batch_size=batch_size, **settings)
         return PGAMEEmitter(config, policy, env, variation_fn)
+    if emitter == "dcrl_me":
+        _register_brax_v1_shim()
+        from qdax.core.emitters.dcrl_me_emitter import DCRLMEConfig, DCRLMEEmitter
+
+        ga_batch_size = (
+            batch_size - settings["dcrl_batch_size"] - settings["ai_batch_size"]
+        )
+        config = DCRLMEConfig(ga_batch_size=ga_batch_size, **settings)
+        return DCRLMEEmitter(config, policy, dcrl_actor(policy), env, variation_fn)
     raise LpdError(f"unknown emitter {emitter!r}; choose one of {list(EMITTERS)}")
 
 

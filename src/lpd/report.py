@@ -36,6 +36,9 @@ class Results(NamedTuple):
         baselines: name -> ``{"archive": (returns, achieved), "uniform":
             (returns, achieved), **settings}`` for the copy-and-perturb
             baselines, on the archive asks and the uniform asks.
+        dcrl_actor: ``{"archive": (returns, achieved), "uniform": (...)}``
+            for a DCRL-ME archive's actor conditioned on both ask sets;
+            None for other archives.
     """
 
     asked: np.ndarray
@@ -47,6 +50,7 @@ class Results(NamedTuple):
     elite_distances: np.ndarray
     top_return: tuple | None = None
     baselines: dict | None = None
+    dcrl_actor: dict | None = None
 
 
 def model_sizes(gen, flat: dict) -> dict:
@@ -162,6 +166,12 @@ def summarise(results: Results, centroids, meta: dict, sizes: dict) -> dict:
         }
         for name, b in (results.baselines or {}).items()
     }
+    if results.dcrl_actor is not None:
+        summary["dcrl_actor"] = {
+            **fid(results.dcrl_actor["archive"], results.asked),
+            "uniform": fid(results.dcrl_actor["uniform"], results.uniform_asked),
+            "compression_ratio": sizes["archive_params"] / meta["actor"]["params"],
+        }
     return summary
 
 
@@ -286,6 +296,9 @@ def to_markdown(s: dict) -> str:
             ("generated, top return asked", s["top_return"], s["compression_ratio"])
         )
     rows.append(("codec only", s["codec_only"], s["codec_only"]["compression_ratio"]))
+    actor = s.get("dcrl_actor")
+    if actor:
+        rows.append(("DCRL-ME actor", actor, actor["compression_ratio"]))
     rows += [
         (f"baseline: {_baseline_name(n, b)}", b, 1.0) for n, b in s["baselines"].items()
     ]
@@ -297,6 +310,14 @@ def to_markdown(s: dict) -> str:
         (f"uniform sweep: {_baseline_name(n, b)}", b["uniform"], 1.0)
         for n, b in s["baselines"].items()
     ]
+    if actor:
+        rows.append(
+            (
+                "uniform sweep: DCRL-ME actor",
+                actor["uniform"],
+                actor["compression_ratio"],
+            )
+        )
     lines += [_row(*row) for row in rows]
     n, p = s["novelty"], s["model_params"]
     lines += [

@@ -18,7 +18,7 @@ def get_archive_config() -> ml_collections.ConfigDict:
             episode_length=250,
             policy_hidden_sizes=(128, 128),
             normalise_obs=False,
-            emitter="map_elites",  # map_elites (isoline variation) or pga_me
+            emitter="map_elites",  # map_elites (isoline variation), pga_me or dcrl_me
             batch_size=256,  # offspring per iteration, sharded over devices
             # Initial policies: 0 draws batch_size independent ones; N > 0 draws
             # N and repeats them, so the archive grows from N ancestors.
@@ -55,6 +55,28 @@ def get_archive_config() -> ml_collections.ConfigDict:
                 discount=0.99,
                 reward_scaling=1.0,
                 batch_size=256,
+                soft_tau_update=0.005,
+                policy_delay=2,
+            ),
+            # DCRL-ME only (fields of qdax DCRLMEConfig; its GA emitter gets
+            # the rest of batch_size). Its descriptor-conditioned actor is
+            # saved with the archive. Training steps sized for CPU, like pga.
+            dcrl=dict(
+                dcrl_batch_size=64,
+                ai_batch_size=64,
+                lengthscale=0.1,
+                critic_hidden_layer_size=(256, 256),
+                num_critic_training_steps=300,
+                num_pg_training_steps=100,
+                batch_size=100,
+                replay_buffer_size=200_000,
+                discount=0.99,
+                reward_scaling=1.0,
+                critic_learning_rate=3e-4,
+                actor_learning_rate=3e-4,
+                policy_learning_rate=1e-3,
+                noise_clip=0.5,
+                policy_noise=0.2,
                 soft_tau_update=0.005,
                 policy_delay=2,
             ),
