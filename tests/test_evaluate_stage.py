@@ -322,3 +322,40 @@ def test_a_dcrl_actor_gets_rows_scored_like_every_set(
     markdown = (workdir / "report" / "report.md").read_text()
     assert "| DCRL-ME actor |" in markdown
     assert "| uniform sweep: DCRL-ME actor |" in markdown
+
+    # The peers comparison reads that report: one entry per method.
+    from lpd import report as report_lib
+    from lpd.errors import LpdError
+
+    peers = report_lib.peers(workdir, reference=tiny_run)
+    methods = peers["methods"]
+    assert set(methods) == {
+        "archive",
+        "lpd_generated",
+        "lpd_codec_only",
+        "lpd_top_return",
+        "dcrl_actor",
+        "nearest_elite",
+        "elite_noise",
+        "neighbour_mean",
+    }
+    assert methods["dcrl_actor"]["reward_ratio"] == row["reward_ratio"]
+    assert (
+        methods["dcrl_actor"]["uniform"]["coverage_ratio"]
+        == (row["uniform"]["coverage_ratio"])
+    )
+    assert methods["lpd_generated"]["compression"] == report["compression_ratio"]
+    assert (
+        methods["nearest_elite"]["uniform"]["qd_score_ratio"]
+        == (report["uniform"]["nearest_elite"]["qd_score_ratio"])
+    )
+    assert methods["dcrl_actor"]["extra_training_s"] == 0.0  # The same search.
+    with pytest.raises(LpdError, match="has no DCRL-ME actor"):
+        report_lib.peers(tiny_run)
+    other = tmp_path / "other"
+    (other / "archive").mkdir(parents=True)
+    meta_json = json.loads((tiny_run / "archive" / "meta.json").read_text())
+    meta_json["config"]["archive"]["episode_length"] += 1
+    (other / "archive" / "meta.json").write_text(json.dumps(meta_json))
+    with pytest.raises(LpdError, match="archive.episode_length"):
+        report_lib.peers(workdir, reference=other)

@@ -203,6 +203,18 @@ def test_bad_labels_file_writes_nothing(
             ["archive.emitter=pga_me", "archive.scoring_episodes=2"],
             "map_elites",
         ),
+        # The tiny batch of 16 cannot hold DCRL-ME's default 64 + 64.
+        ("archive", ["archive.emitter=dcrl_me"], "sum below archive.batch_size"),
+        (
+            "archive",
+            [
+                "archive.emitter=dcrl_me",
+                "archive.dcrl.dcrl_batch_size=4",
+                "archive.dcrl.ai_batch_size=4",
+                "archive.normalise_obs=true",
+            ],
+            "normalise_obs=false",
+        ),
         ("archive", ["seed=-3"], "config.seed"),
         ("train-codec", ["codec.latent_dim=0"], "latent_dim"),
         ("evaluate", ["evaluate.memory_fraction=0"], "memory_fraction"),

@@ -15,6 +15,8 @@ import numpy as np
 
 from lpd import evaluation, labels, plots
 from lpd import policy as policy_lib
+from lpd.config import diff_configs
+from lpd.errors import LpdError
 from lpd.workdir import STAGE_DIRS, stage_dir, write_json, write_text
 
 
@@ -389,3 +391,103 @@ def write(directory, summary: dict, results: Results, centroids, meta: dict) -> 
     )
     write_text(directory / "report.md", to_markdown(summary))
     write_json(directory / "report.json", summary)
+
+
+PEER_KEYS = (
+    "reward_ratio",
+    "offset_reward_ratio",
+    "coverage_ratio",
+    "qd_score_ratio",
+    "js_divergence",
+    "measure_error",
+)
+
+
+def peers(workdir, reference=None) -> dict:
+    """lpd beside DCRL-ME's actor, from a DCRL-ME workdir's report
+    (``benchmarks/bench_peers.py``): one entry per method with the
+    fidelity keys on the archive asks, a ``uniform`` sub-dict (None where a
+    method has no uniform row), ``compression`` and ``extra_training_s``.
+
+    lpd's extra training is its codec and diffusion stages; the actor's is
+    the archive stage's wall time over that of ``reference``, a workdir
+    whose archive was searched with the same settings but the emitter (None
+    without one).
+    """
+    path = stage_dir(workdir, "report") / "report.json"
+    if not path.exists():
+        raise LpdError(f"no report in {path.parent}: run `lpd evaluate` first")
+    s = json.loads(path.read_text())
+    if "dcrl_actor" not in s:
+        raise LpdError(
+            f"the report of {workdir} has no DCRL-ME actor: search its archive "
+            "with archive.emitter=dcrl_me (experiments/configs/dcrl.py)"
+        )
+    times = s["wall_time_s"]
+    lpd_s = times["codec"] + times["diffusion"]
+    actor_s = None
+    if reference is not None:
+        actor_s = times["archive"] - _reference_search_s(workdir, reference)
+
+    def entry(m, uniform, compression, extra_s):
+        pick = lambda d: None if d is None else {k: d[k] for k in PEER_KEYS}
+        return {
+            **pick(m),
+            "uniform": pick(uniform),
+            "compression": compression,
+            "extra_training_s": extra_s,
+        }
+
+    itself = {k: 1.0 for k in PEER_KEYS}
+    itself.update(js_divergence=0.0, measure_error=s["original"]["measure_error"])
+    lookup = s["uniform"]["nearest_elite"]
+    base = s["baselines"]
+    methods = {
+        "archive": entry(itself, None, 1.0, 0.0),
+        "lpd_generated": entry(s, s["uniform"], s["compression_ratio"], lpd_s),
+        "lpd_codec_only": entry(
+            s["codec_only"], None, s["codec_only"]["compression_ratio"], times["codec"]
+        ),
+        "lpd_top_return": (
+            entry(s["top_return"], None, s["compression_ratio"], lpd_s)
+            if "top_return" in s
+            else None
+        ),
+        "dcrl_actor": entry(
+            s["dcrl_actor"],
+            s["dcrl_actor"]["uniform"],
+            s["dcrl_actor"]["compression_ratio"],
+            actor_s,
+        ),
+        "nearest_elite": entry(itself, lookup, 1.0, 0.0),
+        **{name: entry(b, b["uniform"], 1.0, 0.0) for name, b in base.items()},
+    }
+    return {
+        "env": s["env"],
+        "num_elites": s["num_elites"],
+        "episodes": s["episodes"],
+        "methods": {k: v for k, v in methods.items() if v is not None},
+        "stage_wall_time_s": times,
+    }
+
+
+def _reference_search_s(workdir, reference) -> float:
+    """The archive stage wall time of ``reference``, refused unless its
+    archive settings match those of ``workdir`` but the emitter's."""
+    paths = [stage_dir(w, "archive") / "meta.json" for w in (workdir, reference)]
+    if not paths[1].exists():
+        raise LpdError(f"--reference {reference} holds no complete archive")
+    metas = [json.loads(p.read_text()) for p in paths]
+    diffs = [
+        d
+        for d in diff_configs(metas[1]["config"], metas[0]["config"])
+        if d.startswith("config.archive.")
+        and not d.startswith(("config.archive.emitter", "config.archive.dcrl"))
+    ]
+    if diffs or metas[0]["config"]["seed"] != metas[1]["config"]["seed"]:
+        raise LpdError(
+            f"--reference {reference} searched its archive with other settings "
+            f"than {workdir} ({', '.join(diffs) or 'seed'}); give one that differs "
+            "in the emitter only"
+        )
+    return metas[1]["wall_time_s"]
