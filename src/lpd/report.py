@@ -362,33 +362,31 @@ def write(directory, summary: dict, results: Results, centroids, meta: dict) -> 
     cells = lambda scored: evaluation.archive_summary(*scored[:2], centroids, offset)[
         "cell_fitnesses"
     ]
-    plots.plot_heatmaps(
-        {
-            "original (re-evaluated)": cells(results.original),
-            "codec only": cells(results.codec_only),
-            "generated": cells(results.generated),
-        },
-        centroids,
-        meta,
-        directory / "heatmaps.png",
-    )
+    heatmaps = {
+        "original (re-evaluated)": cells(results.original),
+        "codec only": cells(results.codec_only),
+        "generated": cells(results.generated),
+    }
+    matches = {
+        "generated, archive asks": (results.asked, results.generated[1]),
+        "generated, uniform asks": (results.uniform_asked, results.uniform[1]),
+    }
+    returns = {
+        "original": results.original[0],
+        "codec only": results.codec_only[0],
+        "generated": results.generated[0],
+        "generated, uniform asks": results.uniform[0],
+    }
+    if results.dcrl_actor is not None:
+        actor = results.dcrl_actor["archive"]
+        heatmaps["DCRL-ME actor"] = cells(actor)
+        matches["DCRL-ME actor, archive asks"] = (results.asked, actor[1])
+        returns["DCRL-ME actor"] = actor[0]
+    plots.plot_heatmaps(heatmaps, centroids, meta, directory / "heatmaps.png")
     plots.plot_descriptor_match(
-        {
-            "generated, archive asks": (results.asked, results.generated[1]),
-            "generated, uniform asks": (results.uniform_asked, results.uniform[1]),
-        },
-        meta["descriptor_names"],
-        directory / "descriptors.png",
+        matches, meta["descriptor_names"], directory / "descriptors.png"
     )
-    plots.plot_return_cdfs(
-        {
-            "original": results.original[0],
-            "codec only": results.codec_only[0],
-            "generated": results.generated[0],
-            "generated, uniform asks": results.uniform[0],
-        },
-        directory / "returns.png",
-    )
+    plots.plot_return_cdfs(returns, directory / "returns.png")
     write_text(directory / "report.md", to_markdown(summary))
     write_json(directory / "report.json", summary)
 
