@@ -359,3 +359,7 @@ def test_a_dcrl_actor_gets_rows_scored_like_every_set(
     (other / "archive" / "meta.json").write_text(json.dumps(meta_json))
     with pytest.raises(LpdError, match="archive.episode_length"):
         report_lib.peers(workdir, reference=other)
+    meta_json["config"] = None  # As an imported archive's.
+    (other / "archive" / "meta.json").write_text(json.dumps(meta_json))
+    with pytest.raises(LpdError, match="must come from `lpd archive`"):
+        report_lib.peers(workdir, reference=other)

@@ -476,6 +476,11 @@ def _reference_search_s(workdir, reference) -> float:
     if not paths[1].exists():
         raise LpdError(f"--reference {reference} holds no complete archive")
     metas = [json.loads(p.read_text()) for p in paths]
+    if not all(m.get("config") and m.get("wall_time_s") for m in metas):
+        raise LpdError(
+            f"--reference {reference}: both archives must come from `lpd archive` "
+            "(an imported one has no search settings or wall time)"
+        )
     diffs = [
         d
         for d in diff_configs(metas[1]["config"], metas[0]["config"])
