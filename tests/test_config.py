@@ -120,5 +120,5 @@ def test_shipped_configs_load_by_bare_name(tmp_path, monkeypatch):
     (tmp_path / "tiny.py").write_text("raise ValueError")  # A file here wins.
     with pytest.raises(LpdError, match="failed to load"):
         load_config("tiny.py")
-    with pytest.raises(LpdError, match="shipped configs: default.py, medium.py"):
+    with pytest.raises(LpdError, match="shipped configs: dcrl.py, default.py, medium.py"):
         load_config("nope.py")

@@ -134,8 +134,8 @@ def test_import_leaves_nothing_when_it_fails_midway(
     work = tmp_path / "w"
     real_save = archive_io.save_archive
 
-    def save_then_die(directory, *args):
-        real_save(directory, *args)
+    def save_then_die(directory, *args, **kwargs):
+        real_save(directory, *args, **kwargs)
         raise KeyboardInterrupt  # Killed after the repertoire and meta.json.
 
     with monkeypatch.context() as patch:
