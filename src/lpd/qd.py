@@ -8,6 +8,7 @@ exactly the function built here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import types
@@ -32,6 +33,7 @@ from qdax.tasks.brax.v2 import reward_offset as QDAX_REWARD_OFFSET
 from qdax.tasks.brax.v2.env_creators import (
     create_brax_scoring_fn,
     get_mask_from_transitions,
+    make_policy_network_play_step_fn_brax,
 )
 from qdax.tasks.brax.v2.envs.base_env import QDEnv
 from qdax.tasks.brax.v2.wrappers.locomotion_wrappers import FeetContactWrapper
@@ -201,28 +203,19 @@ def make_scoring_fn(
 
 
 def _dcrl_play_step_fn(env, policy) -> Callable:
-    """QDax's Brax play step, recording ``DCRLTransition``s: the transition
-    QDax's own step records, with zero descriptors for the emitter to set."""
+    """QDax's Brax play step, its transitions recorded as ``DCRLTransition``s
+    (zero descriptors, which the DCRL-ME emitter sets)."""
+    play_step_fn = make_policy_network_play_step_fn_brax(env, policy)
     zeros = jnp.zeros(env.descriptor_length)
 
-    def play_step_fn(env_state, policy_params, key):
-        actions = policy.apply(policy_params, env_state.obs)
-        next_state = env.step(env_state, actions)
-        transition = DCRLTransition(
-            obs=env_state.obs,
-            next_obs=next_state.obs,
-            rewards=next_state.reward,
-            dones=next_state.done,
-            truncations=next_state.info["truncation"],
-            actions=actions,
-            state_desc=env_state.info["state_descriptor"],
-            next_state_desc=next_state.info["state_descriptor"],
-            desc=zeros,
-            desc_prime=zeros,
-        )
-        return next_state, policy_params, key, transition
+    def dcrl_play_step_fn(env_state, policy_params, key):
+        *state, transition = play_step_fn(env_state, policy_params, key)
+        fields = {
+            f.name: getattr(transition, f.name) for f in dataclasses.fields(transition)
+        }
+        return *state, DCRLTransition(**fields, desc=zeros, desc_prime=zeros)
 
-    return play_step_fn
+    return dcrl_play_step_fn
 
 
 def episodes_scoring_fn(
