@@ -120,5 +120,6 @@ def test_shipped_configs_load_by_bare_name(tmp_path, monkeypatch):
     (tmp_path / "tiny.py").write_text("raise ValueError")  # A file here wins.
     with pytest.raises(LpdError, match="failed to load"):
         load_config("tiny.py")
-    with pytest.raises(LpdError, match="shipped configs: dcrl.py, default.py, medium.py"):
+    shipped = "shipped configs: dcrl.py, default.py, medium.py"
+    with pytest.raises(LpdError, match=shipped):
         load_config("nope.py")

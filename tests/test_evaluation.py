@@ -149,11 +149,23 @@ TOP_KEYS = {
 }
 
 
+def test_shortfall_counts_the_asks_that_lose_most_of_their_reward():
+    original = np.array([100.0, 200.0, 100.0, -5.0])  # The last is left out.
+    returns = np.array([100.0, 50.0, 110.0, -50.0])
+    f = evaluation.shortfall(original, returns)
+    assert f["share"] == pytest.approx(1 / 3)
+    assert f["loss_share"] == pytest.approx(150 / 140)  # Others gained 10.
+    assert f["reward_ratio_without"] == pytest.approx(210 / 200)
+    assert evaluation.shortfall(original, original)["loss_share"] is None
+    assert evaluation.shortfall(-original[:1], returns[:1]) is None
+
+
 def test_report_schema_and_known_values(tmp_path):
     summary = report.summarise(_results(same=True), CENTROIDS, META, SIZES)
     assert TOP_KEYS <= set(summary)
     assert summary["reward_ratio"] == 1.0 and summary["coverage_ratio"] == 1.0
     assert summary["compression_ratio"] == 8.0
+    assert summary["shortfall"]["share"] == 0.0
     assert summary["codec_only"]["compression_ratio"] == 20.0
     assert summary["compression_ratio_bytes"] == 8.0
     novelty = summary["novelty"]
@@ -175,6 +187,13 @@ def test_report_schema_and_known_values(tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     assert "| generated (diffusion) | 1.000 | 1.000 |" in markdown
     assert "| b | yes | 0.33 | 4 | 0.00 | 0.50 |" in markdown
+    assert "keeping less than" not in markdown  # Nothing was lost.
+    summary["shortfall"] = evaluation.shortfall(np.array([1.0, 2.0]), np.ones(2) / 2)
+    assert (
+        "Generated policies keeping less than 0.5 of their elite's return: 50.0% "
+        "of the asks, 75% of the reward lost; on the other asks the reward ratio "
+        "is 0.500." in report.to_markdown(summary)
+    )
 
 
 def _text_summary():

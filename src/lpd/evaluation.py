@@ -221,6 +221,32 @@ def fidelity(original, generated, asked, centroids, fitness_offset: float) -> di
     }
 
 
+def shortfall(original_returns, returns, fraction: float = 0.5) -> dict | None:
+    """Where the reward is lost when policy i answers elite i's ask.
+
+    Over the asks whose elite has a positive return (``[N]`` each): the
+    share whose policy keeps less than ``fraction`` of it (``share``), the
+    part of the reward lost on all asks that those few lose
+    (``loss_share``), and the reward ratio on the other asks
+    (``reward_ratio_without``). None when no elite's return is positive.
+    """
+    original, returns = np.asarray(original_returns), np.asarray(returns)
+    keep = original > 0
+    if not keep.any():
+        return None
+    original, returns = original[keep], returns[keep]
+    low = returns < fraction * original
+    lost = float(np.sum(original - returns))
+    return {
+        "fraction": fraction,
+        "share": float(np.mean(low)),
+        "loss_share": float(np.sum((original - returns)[low]) / lost)
+        if lost > 0
+        else None,
+        "reward_ratio_without": ratio(np.sum(returns[~low]), np.sum(original[~low])),
+    }
+
+
 def quantiles(x) -> dict:
     """Mean and the 10/50/90% quantiles of ``x`` ``[N]``, as floats."""
     x = np.asarray(x, np.float64)

@@ -137,8 +137,10 @@ def summarise(results: Results, centroids, meta: dict, sizes: dict) -> dict:
                 np.mean(np.linalg.norm(np.asarray(orig[1]) - results.asked, axis=-1))
             ),
         },
+        "shortfall": evaluation.shortfall(orig[0], results.generated[0]),
         "codec_only": {
             **fid(results.codec_only, results.asked),
+            "shortfall": evaluation.shortfall(orig[0], results.codec_only[0]),
             "compression_ratio": sizes["archive_params"] / codec_params,
             "compression_ratio_bytes": sizes["archive_bytes"] / codec_bytes,
         },
@@ -274,6 +276,26 @@ def _baseline_name(name: str, b: dict) -> str:
     return f"mean of {b['k']} nearest elites"
 
 
+def _shortfall_lines(s: dict) -> list[str]:
+    """Where the generated and the codec's policies lose their reward."""
+    lines = []
+    for name, f in (
+        ("Generated", s.get("shortfall")),
+        ("Codec", s["codec_only"].get("shortfall")),
+    ):
+        if f is None or f["loss_share"] is None:
+            continue
+        lines.append(
+            f"{name} policies keeping less than {f['fraction']:g} of their elite's "
+            f"return: {100 * f['share']:.1f}% of the asks, "
+            f"{100 * f['loss_share']:.0f}% of the reward lost; on the other asks "
+            "the reward ratio is "
+            + evaluation.format_ratio(f["reward_ratio_without"])
+            + "."
+        )
+    return ["", *lines] if lines else []
+
+
 def to_markdown(s: dict) -> str:
     """``report.md``: the table of the report and what it was measured on."""
     lines = [
@@ -326,6 +348,7 @@ def to_markdown(s: dict) -> str:
         "",
         f"Measure error of the re-evaluated originals against their stored "
         f"descriptors (the noise floor): {s['original']['measure_error']:.3f}.",
+        *_shortfall_lines(s),
         "",
         f"Compression: {s['archive_params']:,} archive parameters "
         f"({s['num_elites']} x {s['params_per_policy']:,}) / {p['total']:,} "
