@@ -194,6 +194,15 @@ def test_report_schema_and_known_values(tmp_path):
         "of the asks, 75% of the reward lost; on the other asks the reward ratio "
         "is 0.500." in report.to_markdown(summary)
     )
+    # A set that gained overall still names the asks that fell.
+    summary["shortfall"] = evaluation.shortfall(
+        np.array([1.0, 2.0]), np.array([0.4, 3])
+    )
+    assert (
+        "Generated policies keeping less than 0.5 of their elite's return: 50.0% "
+        "of the asks; on the other asks the reward ratio is 1.500."
+        in report.to_markdown(summary)
+    )
 
 
 def _text_summary():

@@ -283,13 +283,14 @@ def _shortfall_lines(s: dict) -> list[str]:
         ("Generated", s.get("shortfall")),
         ("Codec", s["codec_only"].get("shortfall")),
     ):
-        if f is None or f["loss_share"] is None:
+        if not f or not f["share"]:
             continue
+        lost = f["loss_share"]  # None when the set lost no reward overall.
         lines.append(
             f"{name} policies keeping less than {f['fraction']:g} of their elite's "
-            f"return: {100 * f['share']:.1f}% of the asks, "
-            f"{100 * f['loss_share']:.0f}% of the reward lost; on the other asks "
-            "the reward ratio is "
+            f"return: {100 * f['share']:.1f}% of the asks"
+            + ("" if lost is None else f", {100 * lost:.0f}% of the reward lost")
+            + "; on the other asks the reward ratio is "
             + evaluation.format_ratio(f["reward_ratio_without"])
             + "."
         )
