@@ -214,7 +214,7 @@ def test_generate_program_compiles_once_over_batches(tiny_diffusion):
 def test_report_has_top_return_and_baseline_rows(tiny_run):
     report = _report(tiny_run)
     keys = {"reward_ratio", "coverage_ratio", "qd_score_ratio", "measure_error"}
-    assert keys <= set(report["top_return"])
+    assert keys | {"shortfall"} <= set(report["top_return"])
     noise, mean = (report["baselines"][n] for n in ("elite_noise", "neighbour_mean"))
     for baseline in (noise, mean):
         assert keys <= set(baseline) and keys <= set(baseline["uniform"])

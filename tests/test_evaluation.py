@@ -203,6 +203,21 @@ def test_report_schema_and_known_values(tmp_path):
         "of the asks; on the other asks the reward ratio is 1.500."
         in report.to_markdown(summary)
     )
+    # The top-return row gets its own line: one of its 8 asks fell.
+    results = _results(same=True)
+    returns = results.original[0].copy()
+    returns[0] *= 0.25
+    top = (returns, results.original[1], np.ones(8), np.arange(8))
+    top_summary = report.summarise(
+        results._replace(top_return=top), CENTROIDS, META, SIZES
+    )
+    summary["top_return"] = top_summary["top_return"]
+    assert summary["top_return"]["shortfall"]["share"] == 1 / 8
+    assert (
+        "Top-return policies keeping less than 0.5 of their elite's return: 12.5% "
+        "of the asks, 100% of the reward lost; on the other asks the reward ratio "
+        "is 1.000." in report.to_markdown(summary)
+    )
 
 
 def _text_summary():

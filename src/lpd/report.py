@@ -161,7 +161,10 @@ def summarise(results: Results, centroids, meta: dict, sizes: dict) -> dict:
         },
     }
     if results.top_return is not None:
-        summary["top_return"] = fid(results.top_return, results.asked)
+        summary["top_return"] = {
+            **fid(results.top_return, results.asked),
+            "shortfall": evaluation.shortfall(orig[0], results.top_return[0]),
+        }
     summary["baselines"] = {
         name: {
             **fid(b["archive"], results.asked),
@@ -282,6 +285,7 @@ def _shortfall_lines(s: dict) -> list[str]:
     for name, f in (
         ("Generated", s.get("shortfall")),
         ("Codec", s["codec_only"].get("shortfall")),
+        ("Top-return", s.get("top_return", {}).get("shortfall")),
     ):
         if not f or not f["share"]:
             continue
