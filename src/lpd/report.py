@@ -99,6 +99,16 @@ def _novelty(generated, elite_descriptors, elite_distances) -> dict:
     }
 
 
+def _nearest_elite(results: Results) -> tuple:
+    """Nearest-elite lookup (1x): each uniform ask answered by the elite whose
+    stored descriptor is closest, scored by its re-evaluation."""
+    _, pick = evaluation.nearest(
+        np.asarray(results.uniform_asked), np.asarray(results.asked, np.float32)
+    )
+    pick = np.asarray(pick)[:, 0]
+    return tuple(np.asarray(x)[pick] for x in results.original[:2])
+
+
 def summarise(results: Results, centroids, meta: dict, sizes: dict) -> dict:
     """The report's metrics: top level for the generator on the elites' cells,
     ``uniform``, ``codec_only`` and ``original`` beside it, and ``novelty``."""
@@ -107,16 +117,14 @@ def summarise(results: Results, centroids, meta: dict, sizes: dict) -> dict:
     fid = lambda scored, asked: evaluation.fidelity(
         orig, scored[:2], asked, centroids, offset
     )
+    # A set asked for the elites' descriptors: its fidelity and its shortfall.
+    on_elites = lambda scored: {
+        **fid(scored, results.asked),
+        "shortfall": evaluation.shortfall(orig[0], scored[0]),
+    }
     params, nbytes = sizes["model_params"], sizes["model_bytes"]
     codec_params = params["decoder"] + params["standardiser"]
     codec_bytes = nbytes["decoder"] + nbytes["standardiser"]
-    # Nearest-elite lookup: each uniform ask answered by the elite whose
-    # stored descriptor is closest, scored by its re-evaluation (1x).
-    _, pick = evaluation.nearest(
-        np.asarray(results.uniform_asked), np.asarray(results.asked, np.float32)
-    )
-    pick = np.asarray(pick)[:, 0]
-    lookup = (np.asarray(orig[0])[pick], np.asarray(orig[1])[pick])
     summary = {
         "env": meta["env"],
         "backend": meta["backend"],
@@ -124,7 +132,7 @@ def summarise(results: Results, centroids, meta: dict, sizes: dict) -> dict:
         "descriptor_names": meta["descriptor_names"],
         "fitness_offset": offset,
         **sizes,
-        **fid(results.generated, results.asked),
+        **on_elites(results.generated),
         "compression_ratio": sizes["archive_params"] / params["total"],
         "compression_ratio_bytes": sizes["archive_bytes"] / nbytes["total"],
         "original": {
@@ -137,17 +145,15 @@ def summarise(results: Results, centroids, meta: dict, sizes: dict) -> dict:
                 np.mean(np.linalg.norm(np.asarray(orig[1]) - results.asked, axis=-1))
             ),
         },
-        "shortfall": evaluation.shortfall(orig[0], results.generated[0]),
         "codec_only": {
-            **fid(results.codec_only, results.asked),
-            "shortfall": evaluation.shortfall(orig[0], results.codec_only[0]),
+            **on_elites(results.codec_only),
             "compression_ratio": sizes["archive_params"] / codec_params,
             "compression_ratio_bytes": sizes["archive_bytes"] / codec_bytes,
         },
         "uniform": {
             **fid(results.uniform, results.uniform_asked),
             "num_conditions": int(len(results.uniform_asked)),
-            "nearest_elite": fid(lookup, results.uniform_asked),
+            "nearest_elite": fid(_nearest_elite(results), results.uniform_asked),
             "novelty": _novelty(
                 results.uniform, results.asked, results.elite_distances
             ),
@@ -161,10 +167,7 @@ def summarise(results: Results, centroids, meta: dict, sizes: dict) -> dict:
         },
     }
     if results.top_return is not None:
-        summary["top_return"] = {
-            **fid(results.top_return, results.asked),
-            "shortfall": evaluation.shortfall(orig[0], results.top_return[0]),
-        }
+        summary["top_return"] = on_elites(results.top_return)
     summary["baselines"] = {
         name: {
             **fid(b["archive"], results.asked),
