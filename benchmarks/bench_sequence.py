@@ -3,13 +3,15 @@
     python benchmarks/bench_sequence.py --workdir runs/default [--seed 0]
         [--sequences 256] [--chunks 4] [--chunk-steps N] [--settle 50]
         [--guidance G] [--candidates C] [--replan 25] [--horizon 100]
+        [--out FILE]
 
 On a workdir whose archive, codec and diffusion stages are complete, draws
 ``--sequences`` sequences of ``--chunks`` asks from the foot-contact patterns
 the elites hold from a random start, and acts each sequence in one episode
 (``--chunk-steps`` per ask, by default the archive's episode length, without
 resets) twice: with policies generated for the asks, and with the archive
-elites nearest to them. Writes benchmarks/results/sequence.json with, per
+elites nearest to them. Writes benchmarks/results/sequence.json (or
+``--out``, which keeps the committed file for probes) with, per
 method (``generated``, ``nearest_elite``), the success rate (still up after
 80% of the episode), the measure error of each chunk after ``--settle``
 steps, and the return. ``--seed`` draws the asks, the samples and the resets;
@@ -45,14 +47,17 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=1)
     parser.add_argument("--replan", type=int, default=25)
     parser.add_argument("--horizon", type=int, default=100)
+    parser.add_argument("--out", default=None, help="default: results/sequence.json")
     args = parser.parse_args()
-    options = {k: v for k, v in vars(args).items() if k != "workdir"}
+    if args.out and os.path.isdir(args.out):
+        sys.exit(f"bench_sequence: --out {args.out} is a directory; name a .json file")
+    options = {k: v for k, v in vars(args).items() if k not in ("workdir", "out")}
     try:
         result = sequence.run_benchmark(args.workdir, options)
     except LpdError as e:
         sys.exit(f"bench_sequence: {e}")
     result["workdir"] = os.path.relpath(args.workdir, common.ROOT)
-    common.write_result(result, "sequence")
+    common.write_result(result, "sequence", out=args.out)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
-def write_result(result: dict, name: str, config=None, overrides=()) -> None:
+def write_result(result: dict, name: str, config=None, overrides=(), out=None) -> None:
     """Adds the machine and versions (and the config file and overrides, if
-    any), writes results/<name>.json, prints it."""
+    any), writes ``out`` (default results/<name>.json), prints it."""
     result.update(
         devices=[str(d) for d in jax.local_devices()],
         machine=platform.machine(),
@@ -44,7 +44,7 @@ def write_result(result: dict, name: str, config=None, overrides=()) -> None:
     )
     if config is not None:
         result.update(config=os.path.relpath(config, ROOT), overrides=list(overrides))
-    out = ROOT / "benchmarks" / "results" / f"{name}.json"
+    out = Path(out) if out else ROOT / "benchmarks" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     json.dump(result, sys.stdout, indent=2)
