@@ -257,3 +257,29 @@ def test_conditioner_groups_drop_independently():
     # One group keeps the one-group conditioner's parameter names.
     one = diffusion.Conditioner(8).init(jax.random.key(0), cond[:2], False)
     assert set(one["params"]) == {"null", "Dense_0", "Dense_1"}
+
+
+def test_fourier_features_values_and_conditioner_input():
+    x = jnp.array([0.25, 0.5])
+    # Octaves 0 and 1: sin/cos of pi x, then of 2 pi x.
+    expected = [
+        0.25,
+        0.5,
+        *np.sin(np.pi * np.array([0.25, 0.5, 0.5, 1.0])),
+        *np.cos(np.pi * np.array([0.25, 0.5, 0.5, 1.0])),
+    ]
+    np.testing.assert_allclose(diffusion.fourier_features(x, 2), expected, atol=1e-6)
+    np.testing.assert_array_equal(diffusion.fourier_features(x, 0), x)
+    # The conditioner widens each group's first layer to the features'
+    # size; descriptors one grid cell apart (1/32) then differ in its input
+    # by more than the raw 1/32.
+    model = diffusion.Conditioner(8, (2, 1), frequencies=6)
+    cond = jnp.array([0.2, 0.8, 1.0])
+    params = model.init(jax.random.key(0), cond, jnp.array([False, False]))
+    assert params["params"]["Dense_0"]["kernel"].shape == (2 * 13, 8)
+    assert params["params"]["Dense_in_1"]["kernel"].shape == (13, 8)
+    near = cond.at[0].add(1 / 32)
+    gap = diffusion.fourier_features(near[:2], 6) - diffusion.fourier_features(
+        cond[:2], 6
+    )
+    assert np.linalg.norm(gap) > 10 / 32

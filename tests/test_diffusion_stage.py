@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from lpd import diffusion_stage, logs
+from lpd import diffusion_stage, generator, logs
 from lpd.cli import main
 from lpd.config import load_config
 
@@ -202,3 +202,22 @@ def test_sample_asks_for_a_return(tiny_diffusion, tmp_path, capsys):
         capsys.readouterr()
         assert main([*argv, "--return", bad, "--out", str(tmp_path / "x.npz")]) == 2
         assert "--return" in capsys.readouterr().err
+
+
+def test_fourier_conditioned_denoiser_trains_and_samples(
+    tiny_codec, tiny_config_path, tmp_path
+):
+    for stage in ("archive", "codec"):
+        shutil.copytree(tiny_codec / stage, tmp_path / stage)
+    config = load_config(tiny_config_path, ["--config.diffusion.cond_frequencies=3"])
+    diffusion_stage.run_diffusion_stage(config, tmp_path)
+    # lpd sample rebuilds the denoiser from the stage's config.json: the
+    # widened first layer of the conditioner must load and sample.
+    out = tmp_path / "s.npz"
+    args = ["sample", "--workdir", str(tmp_path), "--descriptor", "0.2,0.8"]
+    assert main(args + ["--num", "2", "--out", str(out)]) == 0
+    with np.load(out) as a:
+        assert all(np.isfinite(a[p]).all() for p in a.files if p != "metadata")
+    gen = generator.load_generator(tmp_path)
+    kernel = gen.denoiser_params["params"]["conditioner"]["Dense_0"]["kernel"]
+    assert kernel.shape[0] == 2 * (1 + 2 * 3)  # Two descriptor numbers.

@@ -188,6 +188,7 @@ def test_bad_labels_file_writes_nothing(
     "stage, overrides, fragment",
     [
         ("train-diffusion", ["diffusion.num_heads=3"], "must divide"),
+        ("train-diffusion", ["diffusion.cond_frequencies=-1"], "cond_frequencies"),
         ("archive", ["archive.grid_shape=(0,5)"], "grid_shape"),
         ("archive", ["archive.grid_shape=(-2,5)"], "grid_shape"),
         (

@@ -68,19 +68,34 @@ def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
+def fourier_features(x: jax.Array, frequencies: int) -> jax.Array:
+    """``[C]`` -> ``[C (1 + 2F)]``: ``x``, then ``sin`` and ``cos`` of
+    ``2^k pi x`` for ``k < F``; ``x`` itself when F is 0."""
+    if not frequencies:
+        return x
+    angles = jnp.pi * x[None, :] * (2.0 ** jnp.arange(frequencies))[:, None]
+    return jnp.concatenate([x, jnp.sin(angles).ravel(), jnp.cos(angles).ravel()])
+
+
 class Conditioner(nn.Module):
     """Condition ``[C]`` -> conditioning vector ``[features]``: the sum over the
     condition's groups of a learned two-layer projection of the group, or of
     the group's learned null vector where ``drop`` ``[G]`` (or a scalar, for
     every group) is true.
 
+    With ``frequencies`` F > 0 each group enters as itself and its sines and
+    cosines at ``2^k pi`` for ``k < F`` (Fourier features): a small MLP on raw
+    descriptors in ``[0, 1]`` is smooth across many of the grid's cells.
+
     Attributes:
         features: output size.
         groups: sizes of the groups, summing to C; empty: one group.
+        frequencies: Fourier octaves per input (0: the raw group).
     """
 
     features: int
     groups: tuple[int, ...] = ()
+    frequencies: int = 0
 
     @nn.compact
     def __call__(self, cond: jax.Array, drop: jax.Array) -> jax.Array:
@@ -96,7 +111,9 @@ class Conditioner(nn.Module):
             )
             null = self.param(names[0], nn.initializers.normal(0.02), (self.features,))
             h = nn.gelu(
-                nn.Dense(self.features, name=names[1])(cond[start : start + size])
+                nn.Dense(self.features, name=names[1])(
+                    fourier_features(cond[start : start + size], self.frequencies)
+                )
             )
             h = nn.Dense(self.features, name=names[2])(h)
             out = out + jnp.where(drop[g], null, h)
@@ -134,6 +151,7 @@ class Denoiser(nn.Module):
     depth: int = 3
     num_heads: int = 4
     cond_groups: tuple[int, ...] = ()
+    cond_frequencies: int = 0
 
     @nn.compact
     def __call__(self, x, t, cond, drop):
@@ -148,7 +166,9 @@ class Denoiser(nn.Module):
         c = nn.Dense(self.width)(
             nn.silu(nn.Dense(self.width)(timestep_embedding(t, self.width)))
         )
-        conditioner = Conditioner(self.width, self.cond_groups, name="conditioner")
+        conditioner = Conditioner(
+            self.width, self.cond_groups, self.cond_frequencies, name="conditioner"
+        )
         c = c + conditioner(cond, drop)
         for _ in range(self.depth):
             tokens = AdaLNBlock(self.width, self.num_heads)(tokens, c)
@@ -188,6 +208,7 @@ class UNet1D(nn.Module):
     channels: tuple[int, ...] = (32, 64)
     width: int = 64
     cond_groups: tuple[int, ...] = ()
+    cond_frequencies: int = 0
 
     @nn.compact
     def __call__(self, x, t, cond, drop):
@@ -195,7 +216,9 @@ class UNet1D(nn.Module):
             raise ValueError("latent_dim must be divisible by 2 ** len(channels)")
         time = timestep_embedding(t, self.width)
         c = nn.Dense(self.width)(nn.silu(nn.Dense(self.width)(time)))
-        conditioner = Conditioner(self.width, self.cond_groups, name="conditioner")
+        conditioner = Conditioner(
+            self.width, self.cond_groups, self.cond_frequencies, name="conditioner"
+        )
         c = c + conditioner(cond, drop)
         h = nn.Conv(self.channels[0], (3,))(x[:, None])
         skips = []

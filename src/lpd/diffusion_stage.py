@@ -103,7 +103,7 @@ def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     write_json(directory / "config.json", config_dict)
 
     ema = diffusion_train.train_denoiser(
-        diffusion_train.make_denoiser(c, latents.shape[1], groups),
+        diffusion_train.make_denoiser(c, latents.shape[1], groups, c.cond_frequencies),
         c,
         (latents, jnp.asarray(conditions)),
         (key_init, key_train),

@@ -21,15 +21,19 @@ ARCHITECTURES = ("transformer", "unet")
 PREDICTIONS = ("epsilon", "v")
 
 
-def make_denoiser(c: ml_collections.ConfigDict, latent_dim: int, cond_groups=()):
+def make_denoiser(
+    c: ml_collections.ConfigDict, latent_dim: int, cond_groups=(), frequencies=0
+):
     """The transformer (default) or 1-D U-Net denoiser of ``config.diffusion``,
-    for conditions made of groups of sizes ``cond_groups`` (empty: one)."""
+    for conditions made of groups of sizes ``cond_groups`` (empty: one), fed
+    through ``frequencies`` Fourier octaves (0: raw)."""
     if c.architecture == "unet":
         return diffusion_lib.UNet1D(
             latent_dim=latent_dim,
             channels=tuple(c.unet_channels),
             width=c.width,
             cond_groups=tuple(cond_groups),
+            cond_frequencies=frequencies,
         )
     return diffusion_lib.Denoiser(
         latent_dim=latent_dim,
@@ -38,6 +42,7 @@ def make_denoiser(c: ml_collections.ConfigDict, latent_dim: int, cond_groups=())
         depth=c.depth,
         num_heads=c.num_heads,
         cond_groups=tuple(cond_groups),
+        cond_frequencies=frequencies,
     )
 
 
@@ -57,6 +62,8 @@ def validate(c: ml_collections.ConfigDict, latent_dim: int) -> None:
         raise LpdError("diffusion.cond_dropout must lie in [0, 1)")
     if not 0.0 <= c.ema_decay < 1.0:
         raise LpdError("diffusion.ema_decay must lie in [0, 1)")
+    if c.get("cond_frequencies", 0) < 0:
+        raise LpdError("diffusion.cond_frequencies must be >= 0 (0: raw descriptors)")
     if c.architecture == "unet":
         if latent_dim % 2 ** len(c.unet_channels):
             raise LpdError(

@@ -110,8 +110,13 @@ def load_generator(workdir, text: bool = False) -> Generator:
     returns = not text and bool(config.diffusion.get("return_neighbours", 0))
     try:
         codec = codec_stage.make_model(config.codec, archive_meta["layout"])
+        # Older workdirs' configs predate Fourier conditioning: raw descriptors.
+        frequencies = 0 if text else config.diffusion.get("cond_frequencies", 0)
         denoiser = diffusion_train.make_denoiser(
-            config.diffusion, codec_meta["latent_dim"], (dims, 1) if returns else ()
+            config.diffusion,
+            codec_meta["latent_dim"],
+            (dims, 1) if returns else (),
+            frequencies,
         )
     except (AttributeError, KeyError) as e:
         raise LpdError(

@@ -129,6 +129,8 @@ def get_diffusion_config() -> ml_collections.ConfigDict:
             # Also condition on each elite's return rank among this many
             # elites nearest in descriptor space (0: descriptor only).
             return_neighbours=16,
+            # Fourier octaves of the descriptor (and return) condition; 0: raw.
+            cond_frequencies=0,
             architecture="transformer",  # transformer or unet
             num_tokens=8,  # transformer: the latent is cut into this many tokens
             width=64,
