@@ -101,7 +101,10 @@ def get_codec_config() -> ml_collections.ConfigDict:
             warmup_steps=200,
             weight_decay=0.0,
             grad_clip=1.0,
-            kl_weight=1e-6,
+            # Holds the latents near unit scale, so the decoder is smooth where
+            # samples land between elites (walker2d: 3.5% of generated policies
+            # fell at 1e-6, 1.7% at 3e-3).
+            kl_weight=3e-3,
             input_noise=0.01,  # on standardised weights
             latent_noise=0.01,
             functional_weight=100.0,  # action matching on the elites' own states
@@ -130,7 +133,7 @@ def get_diffusion_config() -> ml_collections.ConfigDict:
             # elites nearest in descriptor space (0: descriptor only).
             return_neighbours=16,
             # Fourier octaves of the descriptor (and return) condition; 0: raw.
-            cond_frequencies=0,
+            cond_frequencies=6,
             architecture="transformer",  # transformer or unet
             num_tokens=8,  # transformer: the latent is cut into this many tokens
             width=64,
