@@ -191,12 +191,12 @@ def get_evaluate_config() -> ml_collections.ConfigDict:
 
 
 # Grids of about a thousand cells for the other descriptor sizes.
-GRIDS = {"hopper_uni": (128,), "ant_uni": (6, 6, 6, 6)}
+GRIDS = {"hopper_uni": (1024,), "ant_uni": (6, 6, 6, 6)}
 
 
 def get_config(env: str = "walker2d_uni") -> ml_collections.ConfigDict:
     """``default.py`` or ``default.py:<env>``: the same run on another env,
-    with a grid sized for its descriptor (hopper 1-D: 128 cells; ant 4-D:
+    with a grid sized for its descriptor (hopper 1-D: 1024 cells; ant 4-D:
     6^4)."""
     config = ml_collections.ConfigDict()
     config.seed = 0
