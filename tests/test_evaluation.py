@@ -154,9 +154,9 @@ def test_shortfall_counts_the_asks_that_lose_most_of_their_reward():
     returns = np.array([100.0, 50.0, 110.0, -50.0])
     f = evaluation.shortfall(original, returns)
     assert f["share"] == pytest.approx(1 / 3)
-    assert f["loss_share"] == pytest.approx(150 / 140)  # Others gained 10.
+    assert f["reward_lost"] == pytest.approx(150 / 400)
     assert f["reward_ratio_without"] == pytest.approx(210 / 200)
-    assert evaluation.shortfall(original, original)["loss_share"] is None
+    assert evaluation.shortfall(original, original)["reward_lost"] == 0
     assert evaluation.shortfall(-original[:1], returns[:1]) is None
 
 
@@ -191,8 +191,8 @@ def test_report_schema_and_known_values(tmp_path):
     summary["shortfall"] = evaluation.shortfall(np.array([1.0, 2.0]), np.ones(2) / 2)
     assert (
         "Generated policies keeping less than 0.5 of their elite's return: 50.0% "
-        "of the asks, 75% of the reward lost; on the other asks the reward ratio "
-        "is 0.500." in report.to_markdown(summary)
+        "of the asks, which lose 50.0% of the elites' total return; on the other "
+        "asks the reward ratio is 0.500." in report.to_markdown(summary)
     )
     # A set that gained overall still names the asks that fell.
     summary["shortfall"] = evaluation.shortfall(
@@ -200,8 +200,8 @@ def test_report_schema_and_known_values(tmp_path):
     )
     assert (
         "Generated policies keeping less than 0.5 of their elite's return: 50.0% "
-        "of the asks; on the other asks the reward ratio is 1.500."
-        in report.to_markdown(summary)
+        "of the asks, which lose 20.0% of the elites' total return; on the other "
+        "asks the reward ratio is 1.500." in report.to_markdown(summary)
     )
     # The top-return row gets its own line: one of its 8 asks fell.
     results = _results(same=True)
@@ -213,10 +213,11 @@ def test_report_schema_and_known_values(tmp_path):
     )
     summary["top_return"] = top_summary["top_return"]
     assert summary["top_return"]["shortfall"]["share"] == 1 / 8
+    lost = 0.75 * results.original[0][0] / results.original[0].sum()
     assert (
         "Top-return policies keeping less than 0.5 of their elite's return: 12.5% "
-        "of the asks, 100% of the reward lost; on the other asks the reward ratio "
-        "is 1.000." in report.to_markdown(summary)
+        f"of the asks, which lose {100 * lost:.1f}% of the elites' total return; on "
+        "the other asks the reward ratio is 1.000." in report.to_markdown(summary)
     )
 
 

@@ -226,8 +226,8 @@ def shortfall(original_returns, returns, fraction: float = 0.5) -> dict | None:
 
     Over the asks whose elite has a positive return (``[N]`` each): the
     share whose policy keeps less than ``fraction`` of it (``share``), the
-    part of the reward lost on all asks that those few lose
-    (``loss_share``), and the reward ratio on the other asks
+    reward those few lose as a fraction of the elites' total return
+    (``reward_lost``), and the reward ratio on the other asks
     (``reward_ratio_without``). None when no elite's return is positive.
     """
     original, returns = np.asarray(original_returns), np.asarray(returns)
@@ -236,13 +236,10 @@ def shortfall(original_returns, returns, fraction: float = 0.5) -> dict | None:
         return None
     original, returns = original[keep], returns[keep]
     low = returns < fraction * original
-    lost = float(np.sum(original - returns))
     return {
         "fraction": fraction,
         "share": float(np.mean(low)),
-        "loss_share": float(np.sum((original - returns)[low]) / lost)
-        if lost > 0
-        else None,
+        "reward_lost": float(np.sum((original - returns)[low]) / np.sum(original)),
         "reward_ratio_without": ratio(np.sum(returns[~low]), np.sum(original[~low])),
     }
 

@@ -292,12 +292,11 @@ def _shortfall_lines(s: dict) -> list[str]:
     ):
         if not f or not f["share"]:
             continue
-        lost = f["loss_share"]  # None when the set lost no reward overall.
         lines.append(
             f"{name} policies keeping less than {f['fraction']:g} of their elite's "
-            f"return: {100 * f['share']:.1f}% of the asks"
-            + ("" if lost is None else f", {100 * lost:.0f}% of the reward lost")
-            + "; on the other asks the reward ratio is "
+            f"return: {100 * f['share']:.1f}% of the asks, which lose "
+            f"{100 * f['reward_lost']:.1f}% of the elites' total return; on the "
+            "other asks the reward ratio is "
             + evaluation.format_ratio(f["reward_ratio_without"])
             + "."
         )
