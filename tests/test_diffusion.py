@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from lpd import diffusion, diffusion_stage
+from lpd import diffusion
 
 
 def test_cosine_schedule_matches_hand_computed_values():
@@ -205,20 +205,6 @@ def test_clipping_bounds_x0_of_an_epsilon_model():
             assert np.all(np.abs(np.asarray(x0)) <= clip)
         else:
             assert np.any(np.abs(np.asarray(x0)) > 3.0)
-
-
-def test_pick_guidance_takes_the_weakest_scale_within_noise():
-    base = np.linspace(0.05, 0.15, 256)
-    wobble = 0.01 * np.where(np.arange(256) % 2, 1.0, -1.0)  # std 0.01
-    scales = (0.0, 1.0, 2.0, 4.0)
-    # Scale 2 has the lowest mean error; 1 is 0.0005 above it, within one
-    # standard error of the per-condition differences (0.01 / 16).
-    errors = [base + 0.05, base + 0.0005 + wobble, base, base + 0.02]
-    assert diffusion_stage.pick_guidance(scales, errors) == 1.0
-    errors[1] = base + 0.005 + wobble  # Now 8 standard errors above.
-    assert diffusion_stage.pick_guidance(scales, errors) == 2.0
-    # One condition: no spread to measure; the lowest error wins.
-    assert diffusion_stage.pick_guidance((0.0, 1.0), [[0.2], [0.1]]) == 1.0
 
 
 def test_unet_denoiser_shapes_and_null_condition():

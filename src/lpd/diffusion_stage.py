@@ -113,11 +113,7 @@ def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     checkpoints.save_tree(directory / "model", {"ema": ema})
     sweep = guidance_sweep(config, workdir, key_sweep)
     write_json(directory / "guidance_sweep.json", sweep)
-    log.info(
-        "diffusion: guidance %s picked (weakest within noise of the lowest "
-        "measure error)",
-        sweep["picked"],
-    )
+    log.info("diffusion: guidance %s picked (lowest measure error)", sweep["picked"])
     meta = {
         "denoiser_params": policy_lib.count_params(ema),
         "latent_dim": int(latents.shape[1]),
@@ -135,8 +131,8 @@ def guidance_sweep(config, workdir, key) -> dict:
 
     The conditions are ``sweep_conditions`` elites' descriptors, evenly
     spread over the archive; each generated policy runs ``sweep_episodes``
-    episodes from random resets. Picks by measure error (distance between
-    asked and achieved descriptor): see :func:`pick_guidance`.
+    episodes from random resets. Picks the scale of lowest measure error
+    (distance between asked and achieved descriptor).
     """
     c = config.diffusion
     gen = generator.load_generator(workdir)
@@ -156,7 +152,7 @@ def guidance_sweep(config, workdir, key) -> dict:
     )
     key_sample, key_eval = jax.random.split(key)
     sample_fn = generator.make_sample_fn(gen)
-    rows, errors = [], []
+    rows = []
     for guidance in c.sweep_guidance:
         flat = evaluation.map_in_batches(
             functools.partial(sample_fn, guidance=jnp.float32(guidance)),
@@ -171,37 +167,21 @@ def guidance_sweep(config, workdir, key) -> dict:
             key_eval,
             f"diffusion: guidance {guidance:g}",
         )
-        errors.append(np.linalg.norm(achieved - np.asarray(cond), axis=-1))
         rows.append(
             {
                 "guidance": float(guidance),
                 "mean_return": float(np.mean(returns)),
                 "archive_mean_return": float(np.mean(fitnesses[pick])),
-                "measure_error": float(np.mean(errors[-1])),
+                "measure_error": float(
+                    np.mean(np.linalg.norm(achieved - np.asarray(cond), axis=-1))
+                ),
             }
         )
+    best = min(rows, key=lambda r: r["measure_error"])
     return {
         "conditions": int(len(pick)),
         "episodes": c.sweep_episodes,
         "sample_steps": c.sample_steps,
         "rows": rows,
-        "picked": pick_guidance(c.sweep_guidance, errors),
+        "picked": best["guidance"],
     }
-
-
-def pick_guidance(scales, errors) -> float:
-    """The weakest scale whose measure error is within noise of the lowest.
-
-    ``errors[i]`` holds scale ``i``'s measure error per condition (the same
-    conditions and episodes for every scale). A scale is within noise when
-    its mean error exceeds the lowest mean by at most one standard error of
-    the per-condition differences. Stronger guidance pulls samples off the
-    latents' distribution and costs return, so it has to earn its pick.
-    """
-    errors = np.asarray(errors, dtype=np.float64)
-    means = errors.mean(axis=1)
-    best = int(np.argmin(means))
-    diff = errors - errors[best]
-    sem = np.nan_to_num(diff.std(axis=1, ddof=1) / np.sqrt(errors.shape[1]))
-    close = [i for i in range(len(scales)) if means[i] - means[best] <= sem[i]]
-    return float(min(scales[i] for i in close))
