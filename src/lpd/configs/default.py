@@ -95,7 +95,7 @@ def get_codec_config() -> ml_collections.ConfigDict:
             row_features=128,  # per-row generator width
             basis_dim=0,  # full-size basis tensors in the decoder (0: none)
             num_steps=8000,
-            log_period=400,  # steps per jitted chunk / log / checkpoint
+            log_period=200,  # steps per jitted chunk / log / checkpoint
             batch_size=64,
             learning_rate=1e-3,
             warmup_steps=200,
@@ -107,7 +107,10 @@ def get_codec_config() -> ml_collections.ConfigDict:
             kl_weight=3e-3,
             input_noise=0.01,  # on standardised weights
             latent_noise=0.01,
-            functional_weight=100.0,  # action matching on the elites' own states
+            # Action matching on the elites' own states (and the visited ones,
+            # below); 300 over 100 with visits every 1,000 steps: walker2d codec
+            # reward 0.968 -> 0.988 on one archive.
+            functional_weight=300.0,
             obs_per_policy=64,  # observations per elite for that term
             # Random-reset episodes per elite those observations come from
             # (0: the one episode from the archive's fixed start state).
@@ -115,7 +118,7 @@ def get_codec_config() -> ml_collections.ConfigDict:
             # Every this many steps, add the states the decoded policies visit
             # (labelled with the elites' actions) to that term (0: never):
             # DAgger's data, the largest single gain in the codec's reward.
-            visit_period=2000,
+            visit_period=1000,
             eval_episodes=8,  # episodes per policy in the reconstruction report
             eval_batch_size=256,  # policies per evaluation call
         )
