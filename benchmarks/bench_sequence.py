@@ -2,8 +2,8 @@
 
     python benchmarks/bench_sequence.py --workdir runs/default [--seed 0]
         [--sequences 256] [--chunks 4] [--chunk-steps N] [--settle 50]
-        [--guidance G] [--candidates C] [--replan 25] [--horizon 100]
-        [--out FILE]
+        [--guidance G] [--return top|Q] [--candidates C] [--replan 25]
+        [--horizon 100] [--out FILE]
 
 On a workdir whose archive, codec and diffusion stages are complete, draws
 ``--sequences`` sequences of ``--chunks`` asks from the foot-contact patterns
@@ -15,7 +15,8 @@ elites nearest to them. Writes benchmarks/results/sequence.json (or
 method (``generated``, ``nearest_elite``), the success rate (still up after
 80% of the episode), the measure error of each chunk after ``--settle``
 steps, and the return. ``--seed`` draws the asks, the samples and the resets;
-``--guidance`` defaults to the scale the diffusion stage's sweep picked.
+``--guidance`` defaults to the scale the diffusion stage's sweep picked;
+``--return`` also asks every generated policy for a return quantile.
 With ``--candidates`` C > 1, each ask gets C generated policies (and the C
 nearest elites), and every ``--replan`` steps the one that a look-ahead of
 ``--horizon`` steps from the current state keeps up longest (then nearest
@@ -31,7 +32,7 @@ import common  # First: gives XLA one host device per core before jax starts.
 
 # isort: on
 
-from lpd import sequence
+from lpd import generator, sequence
 from lpd.errors import LpdError
 
 
@@ -47,12 +48,18 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=1)
     parser.add_argument("--replan", type=int, default=25)
     parser.add_argument("--horizon", type=int, default=100)
+    parser.add_argument(
+        "--return",
+        dest="return_quantile",
+        help="also ask the generated policies for a return: 'top' or a quantile",
+    )
     parser.add_argument("--out", default=None, help="default: results/sequence.json")
     args = parser.parse_args()
     if args.out and os.path.isdir(args.out):
         sys.exit(f"bench_sequence: --out {args.out} is a directory; name a .json file")
     options = {k: v for k, v in vars(args).items() if k not in ("workdir", "out")}
     try:
+        options["return"] = generator.parse_return(options.pop("return_quantile"))
         result = sequence.run_benchmark(args.workdir, options)
     except LpdError as e:
         sys.exit(f"bench_sequence: {e}")

@@ -43,6 +43,11 @@ def test_report_latents_and_meta(codec_run):
         np.testing.assert_allclose(latents.std(), 1.0, rtol=1e-4)
         assert float(data["scale"]) == pytest.approx(meta["latent_scale"])
         assert data["cells"].shape == (num,)
+        # The originals' returns of the closing check, whose mean it reports.
+        assert data["returns"].shape == (num,)
+        assert float(data["returns"].mean()) == pytest.approx(
+            report["original_mean_return"], rel=1e-5
+        )
     rows = logs.read_metrics(directory)
     assert [r["step"] for r in rows] == [20, 40]
     assert rows[-1]["loss"] < rows[0]["loss"]
@@ -58,7 +63,7 @@ def test_resume_equals_uninterrupted(
     with caplog.at_level("INFO"):
         codec_stage.run_codec_stage(config, workdir)
     assert "resuming from step 20" in caplog.text  # Not a fresh start.
-    for name in ("latents", "descriptors", "cells"):
+    for name in ("latents", "descriptors", "cells", "returns"):
         with (
             np.load(workdir / "codec/latents.npz") as a,
             np.load(codec_run / "codec/latents.npz") as b,

@@ -126,6 +126,33 @@ def test_diffusion_needs_a_codec(tiny_config_path, tmp_path, capsys):
     assert not (tmp_path / "diffusion").exists()
 
 
+def test_diffusion_refuses_latents_without_reevaluated_returns(
+    tiny_codec, tiny_config_path, tmp_path, capsys
+):
+    # A codec made before latents.npz carried the elites' re-evaluated returns:
+    # refused when they are asked for.
+    for stage in ("archive", "codec"):
+        shutil.copytree(tiny_codec / stage, tmp_path / stage)
+    path = tmp_path / "codec/latents.npz"
+    with np.load(path) as data:
+        old = {k: data[k] for k in data.files if k != "returns"}
+    np.savez(path, **old)
+    argv = ["train-diffusion", "--config", tiny_config_path, "--workdir", str(tmp_path)]
+    code = main([*argv, "--config.diffusion.return_source=reevaluated"])
+    err = capsys.readouterr().err
+    assert code == 2 and "predates" in err and "lpd train-codec" in err
+    assert not (tmp_path / "diffusion").exists() and path.exists()
+    code = main([*argv, "--config.diffusion.return_source=best"])
+    assert code == 2 and "return_source must be one of" in capsys.readouterr().err
+
+
+def test_ranked_returns_come_from_the_source_asked():
+    latents = {"fitnesses": np.array([3.0, 1.0]), "returns": np.array([1.0, 2.0])}
+    for source, key in (("stored", "fitnesses"), ("reevaluated", "returns")):
+        returns = diffusion_stage.ranked_returns(latents, source, "w")
+        np.testing.assert_array_equal(returns, latents[key])
+
+
 def test_artifacts_load_with_another_device_count(tiny_diffusion):
     # Written with two host devices; read where there is one (a GPU host, a
     # plain Python session). Orbax alone refuses the other topology.

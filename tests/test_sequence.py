@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpd import archive, archive_io, rollouts, sequence
+from lpd import archive, archive_io, generator, rollouts, sequence
 from lpd import policy as policy_lib
 from lpd.cli import main
 from lpd.errors import LpdError
@@ -56,6 +56,7 @@ def test_benchmark_asks_what_the_elites_reach_and_settling_changes_only_errors(
     assert np.all((reachable >= 0) & (reachable <= 1))
     options = dict(sequences=4, chunks=2, chunk_steps=None, seed=0, guidance=None)
     options.update(candidates=1, replan=25, horizon=10)
+    options["return"] = None
     runs = [
         sequence.run_benchmark(tiny_diffusion, {**options, "settle": settle})
         for settle in (0, 40)
@@ -75,15 +76,17 @@ def test_benchmark_asks_what_the_elites_reach_and_settling_changes_only_errors(
         assert a["measure_error"] != b["measure_error"]
     with pytest.raises(LpdError, match="--settle"):
         sequence.run_benchmark(tiny_diffusion, {**options, "settle": length})
-    # A look-ahead over 3 candidates: the same metrics, and its settings.
+    # A look-ahead over 3 candidates asked for the top return: the same
+    # metrics, and its settings.
     ahead = sequence.run_benchmark(
-        tiny_diffusion, {**options, "candidates": 3, "settle": 0}
+        tiny_diffusion, {**options, "candidates": 3, "settle": 0, "return": 1.0}
     )
     assert (ahead["candidates"], ahead["replan_steps"], ahead["horizon_steps"]) == (
         3,
         25,
         10,
     )
+    assert ahead["return"] == 1.0 and runs[0]["return"] is None
     for method in ("generated", "nearest_elite"):
         m = ahead[method]
         assert 0 <= m["success"] <= 1 and 0 < m["mean_episode_steps"] <= 2 * length
@@ -91,6 +94,22 @@ def test_benchmark_asks_what_the_elites_reach_and_settling_changes_only_errors(
         sequence.run_benchmark(
             tiny_diffusion, {**options, "candidates": 2, "replan": 7, "settle": 0}
         )
+
+
+def test_generated_policies_take_the_return_ask(tiny_diffusion):
+    gen = generator.load_generator(tiny_diffusion)
+    archive_data, _ = archive_io.load_archive(tiny_diffusion)
+    _, flat = archive_io.elites(archive_data)
+    asks = (np.full((2, 1, 2), 0.5), np.zeros((2, 1), np.int32))
+    key = jax.random.key(0)
+    kernel = lambda top: np.asarray(
+        sequence._policies(gen, 0.0, asks, flat, key, top)["generated"]["params"][
+            "Dense_0"
+        ]["kernel"]
+    )
+    plain, best = kernel(None), kernel(1.0)
+    assert plain.shape[:2] == (2, 1) and not np.allclose(plain, best)
+    np.testing.assert_array_equal(best, kernel(1.0))  # Same key, same policies.
 
 
 def _constant_policies(layout, biases):
@@ -210,10 +229,12 @@ def test_sequence_cli_writes_report_plot_and_viewer(tiny_run, tmp_path, capsys):
     assert json.loads((again / "sequence.json").read_text()) == summary  # Same seed.
     ahead = tmp_path / "ahead"
     look = ["--candidates", "3", "--replan", "25", "--horizon", "10"]
+    look += ["--return", "top"]
     assert main([*argv, "--seeds", "4", *look, "--out", str(ahead)]) == 0
     summary = json.loads((ahead / "sequence.json").read_text())
     assert summary["chunk_steps"] == [25, 25]  # The chunks start on re-picks.
     assert (summary["candidates"], summary["replan_steps"]) == (3, 25)
+    assert summary["return"] == 1.0
     assert summary["nearest_elite_descriptors"][0] == pytest.approx(
         json.loads((out / "sequence.json").read_text())["nearest_elite_descriptors"][0]
     )
@@ -227,6 +248,7 @@ def test_sequence_cli_writes_report_plot_and_viewer(tiny_run, tmp_path, capsys):
         (["--candidates", "2", "--replan", "7"], "--replan must divide"),
         (["--candidates", "2", "--horizon", "0"], "--horizon be > 0"),
         (["--candidates", "2", "--replan", "50"], "at most 1 chunks"),
+        (["--return", "best"], "--return must be 'top' or a quantile"),
     ],
 )
 def test_sequence_lookahead_errors(tiny_run, tmp_path, capsys, extra, fragment):

@@ -113,6 +113,11 @@ def _add_tools(commands) -> None:
     seq.add_argument(
         "--candidates", type=int, default=1, help="policies per chunk (look-ahead)"
     )
+    seq.add_argument(
+        "--return",
+        dest="return_quantile",
+        help="also ask the generated policies for a return: 'top' or a quantile",
+    )
     seq.add_argument("--replan", type=int, default=25, help="steps between picks")
     seq.add_argument("--horizon", type=int, default=100, help="look-ahead steps")
     seq.add_argument("--out", required=True, help="directory to write (must not exist)")
@@ -254,7 +259,7 @@ def _policy_to_render(args) -> tuple[dict, str]:
 
 
 def _sequence(args) -> None:
-    from lpd import archive_io, sequence
+    from lpd import archive_io, generator, sequence
     from lpd.config import check_seed
 
     check_seed(args.seed)
@@ -270,6 +275,7 @@ def _sequence(args) -> None:
         k: getattr(args, k)
         for k in ("seeds", "guidance", "seed", "candidates", "replan", "horizon")
     }
+    options["return"] = generator.parse_return(args.return_quantile)
     summary = sequence.run_sequence(args.workdir, asked, options, args.out, texts)
     print(sequence.format_summary(summary))
     print(f"sequence: written to {args.out}")

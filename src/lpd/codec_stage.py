@@ -5,7 +5,10 @@ Reads ``<workdir>/archive``; writes ``<workdir>/codec/``:
 - ``model/``: orbax checkpoint of ``{"params": codec params, "stats": Standardiser}``;
 - ``latents.npz``: ``latents [N, L]`` (encoder means times ``scale``, so unit
   variance), ``scale`` (scalar), ``cells [N]`` (archive cell of each elite),
-  ``descriptors [N, D]``, ``fitnesses [N]``;
+  ``descriptors [N, D]``, ``fitnesses [N]`` (the archive's stored returns),
+  ``returns [N]`` (each elite's mean return over the reconstruction check's
+  random-start episodes: the evaluation's protocol, which the diffusion
+  stage ranks for its return condition);
 - ``reconstruction.json``: decoded elites rolled out beside the originals;
 - ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``, ``config.json``;
 - ``meta.json``, written last: its presence marks the stage complete.
@@ -130,10 +133,10 @@ def run_codec_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         c, (model, policy, stats), data, (key_init, key_train), directory, refresh
     )
     checkpoints.save_tree(directory / "model", {"params": params, "stats": stats})
-    scale = _write_latents(model, params, data, archive, idx, directory)
-    report = reconstruction_report(
+    report, returns = reconstruction_report(
         c, model, params, stats, flat, archive_meta, archive, key_eval
     )
+    scale = _write_latents(model, params, data, (archive, idx, returns), directory)
     report["archive_elites"] = int(len(idx))
     write_json(directory / "reconstruction.json", report)
     log.info(
@@ -275,8 +278,10 @@ def encode_means(model, params, inputs) -> jax.Array:
     return encode(inputs)
 
 
-def _write_latents(model, params, data, archive, idx, directory) -> float:
-    """Writes ``latents.npz`` (unit-variance latents); returns the scale."""
+def _write_latents(model, params, data, elites, directory) -> float:
+    """Writes ``latents.npz`` (unit-variance latents) for ``elites``
+    ``(archive, indices [N], re-evaluated returns [N])``; returns the scale."""
+    archive, idx, returns = elites
     means = np.asarray(encode_means(model, params, data.inputs))
     scale = float(1.0 / np.std(means))
     with atomic_path(directory / "latents.npz") as tmp, tmp.open("wb") as f:
@@ -287,6 +292,7 @@ def _write_latents(model, params, data, archive, idx, directory) -> float:
             cells=idx.astype(np.int32),
             descriptors=np.asarray(archive.descriptors)[idx],
             fitnesses=np.asarray(archive.fitnesses)[idx],
+            returns=np.asarray(returns, np.float32),
         )
     return scale
 
@@ -322,7 +328,7 @@ def reconstruction_report(c, model, params, stats, flat, meta, archive, key) -> 
 
     Returns the fidelity metrics (:func:`lpd.evaluation.fidelity`; the asked
     descriptors are the elites' stored ones), per-tensor relative error and
-    parameter counts.
+    parameter counts; and ``[N]`` the originals' mean returns there.
     """
     env, policy = archive_lib.make_task(meta)
     inputs = codec_lib.standardise(stats, flat)
@@ -376,4 +382,4 @@ def reconstruction_report(c, model, params, stats, flat, meta, archive, key) -> 
         archive_params=per_policy * num,
         compression_ratio_decoder=per_policy * num / (decoder_params + 2 * per_policy),
     )
-    return report
+    return report, np.asarray(original[0])

@@ -168,6 +168,7 @@ ADDED_FIELDS = {
     "codec.obs_episodes": 0,
     "codec.visit_period": 0,
     "diffusion.return_neighbours": 0,
+    "diffusion.return_source": "stored",
     "diffusion.cond_frequencies": 0,
 }
 

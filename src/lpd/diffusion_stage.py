@@ -36,7 +36,13 @@ from lpd import (
 from lpd import policy as policy_lib
 from lpd.config import config_to_dict
 from lpd.errors import LpdError
-from lpd.workdir import StageClock, diffusion_dir, stage_complete, write_json
+from lpd.workdir import (
+    StageClock,
+    codec_dir,
+    diffusion_dir,
+    stage_complete,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,11 @@ def validate(config: ml_collections.ConfigDict, latent_dim: int) -> None:
         raise LpdError("diffusion.sweep_guidance must list scales >= 0")
     if c.return_neighbours < 0:
         raise LpdError("diffusion.return_neighbours must be >= 0")
+    if c.return_source not in RETURN_SOURCES:
+        raise LpdError(
+            f"diffusion.return_source must be one of {RETURN_SOURCES}, "
+            f"got {c.return_source!r}"
+        )
     for name in ("sweep_conditions", "sweep_episodes", "sweep_batch_size"):
         if c[name] <= 0:
             raise LpdError(f"diffusion.{name} must be > 0, got {c[name]}")
@@ -68,6 +79,24 @@ def return_quantiles(descriptors, returns, num_neighbours: int) -> np.ndarray:
     neighbour_returns = np.asarray(returns)[np.asarray(near)]  # [N, k]
     below = (neighbour_returns < np.asarray(returns)[:, None]).sum(axis=1)
     return (below / (k - 1)).astype(np.float32)
+
+
+RETURN_SOURCES = ("stored", "reevaluated")
+
+
+def ranked_returns(latents: dict, source: str, workdir) -> np.ndarray:
+    """``[N]`` the elites' returns the return condition ranks: the archive's
+    stored ones (``source="stored"``), or their means over the codec
+    check's random-start episodes, the evaluation's protocol
+    (``"reevaluated"``)."""
+    if source == "stored":
+        return latents["fitnesses"]
+    if "returns" not in latents:
+        raise LpdError(
+            f"{codec_dir(workdir)}/latents.npz predates the elites' re-evaluated "
+            f"returns; delete {codec_dir(workdir)} and run `lpd train-codec` again"
+        )
+    return latents["returns"]
 
 
 def training_conditions(descriptors, returns, num_neighbours: int):
@@ -94,8 +123,9 @@ def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     data = codec_stage.load_latents(workdir)
     latents = jnp.asarray(data["latents"])
     validate(config, latents.shape[1])
+    returns = ranked_returns(data, c.return_source, workdir)
     conditions, groups = training_conditions(
-        data["descriptors"], data["fitnesses"], c.return_neighbours
+        data["descriptors"], returns, c.return_neighbours
     )
     key = jax.random.fold_in(jax.random.key(config.seed), STAGE_KEY)
     key_init, key_train, key_sweep = jax.random.split(key, 3)

@@ -180,18 +180,18 @@ def _asks(workdir, asked, texts, archive, idx):
     return cond, stored[near], near, {"texts": list(texts), "matched_labels": matched}
 
 
-def _policies(gen, guidance, asks, elite_flat, key) -> dict:
+def _policies(gen, guidance, asks, elite_flat, key, top=None) -> dict:
     """Per method, policy parameters with leaves ``[S, K, ...]`` (or
     ``[S, K, C, ...]``, C candidates per chunk): a generated policy for each
     seed's condition of each chunk, and the baseline elites; ``asks`` is
-    ``(conditions [S, K, (C,) cond], baseline elite indices [S, K, (C)])``."""
+    ``(conditions [S, K, (C,) cond], baseline elite indices [S, K, (C)])``;
+    ``top``: None, or the return quantile every generated policy is also
+    asked for."""
     cond, near = asks
+    cond = jnp.asarray(cond.reshape(-1, cond.shape[-1]), jnp.float32)
+    returns = None if top is None else jnp.full(len(cond), top, jnp.float32)
     sample_fn = generator.make_sample_fn(gen)
-    flat = sample_fn(
-        jnp.asarray(cond.reshape(-1, cond.shape[-1]), jnp.float32),
-        key,
-        jnp.float32(guidance),
-    )
+    flat = sample_fn(cond, key, jnp.float32(guidance), returns)
     generated = jax.tree.map(
         lambda x: x.reshape(*near.shape, *x.shape[1:]),
         policy_lib.unflatten_params(flat),
@@ -331,7 +331,8 @@ def run_sequence(workdir, asked, options: dict, out, texts=None) -> dict:
     ``candidates`` (C > 1: C generated policies per chunk and the C elites
     nearest its reference, re-picked every ``replan`` steps by a look-ahead
     of ``horizon`` steps, :func:`rollouts.lookahead_rollout`; the chunks
-    then start on those steps).
+    then start on those steps), ``return`` (None, or a return quantile the
+    generated policies are also asked for).
     ``out/sequence.json`` (per-chunk asked vs achieved, return, success for
     both), ``out/contacts.png`` (foot contact over time against the asks) and
     ``out/episode.html`` (seed 0 of the generated sequence).
@@ -358,7 +359,8 @@ def run_sequence(workdir, asked, options: dict, out, texts=None) -> dict:
         lookahead += (replan, horizon)
     key_sample, key_reset = jax.random.split(jax.random.key(options["seed"]))
     tile = lambda x: np.broadcast_to(x, (num_seeds, *x.shape))
-    methods = _policies(gen, guidance, (tile(cond), tile(near)), elite_flat, key_sample)
+    asks = (tile(cond), tile(near))
+    methods = _policies(gen, guidance, asks, elite_flat, key_sample, options["return"])
     keys = jax.random.split(key_reset, num_seeds)
     trajectories = _roll_out(env, policy, chunks, methods, keys, lookahead)
     summaries = {
@@ -378,6 +380,7 @@ def run_sequence(workdir, asked, options: dict, out, texts=None) -> dict:
         "chunk_steps": np.bincount(chunks).tolist(),
         "seeds": num_seeds,
         "guidance": guidance,
+        "return": options["return"],
         **_lookahead_record(num_cands, replan, horizon),
         "success_threshold_steps": SUCCESS_FRACTION * length,
         "descriptor_names": meta["descriptor_names"],
@@ -450,7 +453,8 @@ def run_benchmark(workdir, options: dict) -> dict:
     ``guidance`` (None: the sweep's pick), ``candidates`` (1: one policy per
     ask; C > 1: C generated policies, and the C nearest elites, of which a
     look-ahead of ``horizon`` steps re-picks one every ``replan`` steps, see
-    :func:`rollouts.lookahead_rollout`). The asks are drawn, with
+    :func:`rollouts.lookahead_rollout`), ``return`` (None, or a return
+    quantile the generated policies are also asked for). The asks are drawn, with
     replacement, from :func:`reachable_descriptors`. Returns, per method
     (``generated``, ``nearest_elite``): the success rate (still up after
     ``SUCCESS_FRACTION`` of the episode), the measure error over the chunks
@@ -484,7 +488,9 @@ def run_benchmark(workdir, options: dict) -> dict:
     asks = reachable[np.asarray(pick)]  # [S, K, D]
     stored = np.asarray(archive.descriptors)[idx]
     cond, near = _candidates(asks, asks, stored, num_cands, neighbourhood=True)
-    methods = _policies(gen, guidance, (cond, near), elite_flat, key_sample)
+    methods = _policies(
+        gen, guidance, (cond, near), elite_flat, key_sample, options["return"]
+    )
     episode_steps = num_chunks * chunk_steps
     env, policy = archive_lib.make_task({**meta, "episode_length": episode_steps})
     chunks = np.repeat(np.arange(num_chunks, dtype=np.int32), chunk_steps)
@@ -507,6 +513,7 @@ def run_benchmark(workdir, options: dict) -> dict:
         **_lookahead_record(num_cands, replan, horizon),
         "seed": options["seed"],
         "guidance": guidance,
+        "return": options["return"],
         "reachable_elites": len(reachable),
         "elites": len(idx),
         "success_threshold_steps": SUCCESS_FRACTION * episode_steps,

@@ -135,6 +135,10 @@ def get_diffusion_config() -> ml_collections.ConfigDict:
             # Also condition on each elite's return rank among this many
             # elites nearest in descriptor space (0: descriptor only).
             return_neighbours=16,
+            # Which returns it ranks: "stored" (the archive's, which QDax
+            # scores from one fixed start) or "reevaluated" (each elite's mean
+            # over the codec check's random-start episodes).
+            return_source="stored",
             # Fourier octaves of the descriptor (and return) condition; 0: raw.
             cond_frequencies=6,
             architecture="transformer",  # transformer or unet
