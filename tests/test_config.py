@@ -76,6 +76,8 @@ def test_fields_added_later_read_as_their_old_behaviour():
     assert diff_configs(old["archive"], same["archive"], "archive") == []
     assert diff_configs(old, other) == ["config.archive.num_ancestors: 0 -> 1"]
     assert diff_configs({}, {"new_field": 1}) == ["config.new_field: None -> 1"]
+    # Before `return_dropout`, the return rank dropped at cond_dropout: None.
+    assert diff_configs({}, {"return_dropout": None}, "diffusion") == []
 
 
 @pytest.mark.parametrize(

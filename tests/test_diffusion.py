@@ -4,11 +4,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from lpd import diffusion
+from lpd import diffusion, diffusion_train
 
 
 def test_cosine_schedule_matches_hand_computed_values():
@@ -257,6 +258,44 @@ def test_conditioner_groups_drop_independently():
     # One group keeps the one-group conditioner's parameter names.
     one = diffusion.Conditioner(8).init(jax.random.key(0), cond[:2], False)
     assert set(one["params"]) == {"null", "Dense_0", "Dense_1"}
+
+
+def test_each_group_drops_at_its_own_rate():
+    # The return rank's rate of 1 drops it from every example, so the loss no
+    # longer sees its value; rate 0 keeps it. One rate for all groups draws
+    # exactly the drops a scalar rate draws (workdirs made before per-group
+    # rates train the same).
+    schedule = diffusion.cosine_schedule(50)
+    model = diffusion.Denoiser(
+        latent_dim=4, num_tokens=2, width=16, depth=1, cond_groups=(2, 1)
+    )
+    params = model.init(
+        jax.random.key(0), jnp.zeros(4), 0, jnp.zeros(3), jnp.zeros(2, bool)
+    )
+    # Away from the zero-initialised output layer, so the condition shows.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    params = jax.tree.unflatten(
+        tree,
+        [
+            x + 0.3 * jax.random.normal(k, x.shape)
+            for x, k in zip(leaves, keys, strict=True)
+        ],
+    )
+    x0 = jax.random.normal(jax.random.key(1), (32, 4))
+    cond = jax.random.uniform(jax.random.key(2), (32, 3))
+    other_return = cond.at[:, 2].set(1.0 - cond[:, 2])
+    loss = lambda c, rates: diffusion.diffusion_loss(
+        params, model, schedule, x0, c, jax.random.key(3), "v", rates
+    )
+    assert loss(cond, (0.0, 1.0)) == loss(other_return, (0.0, 1.0))
+    assert loss(cond, (0.0, 0.0)) != loss(other_return, (0.0, 0.0))
+    assert loss(cond, (0.3, 0.3)) == loss(cond, 0.3)
+    c = ml_collections.ConfigDict({"cond_dropout": 0.1, "return_dropout": None})
+    assert diffusion_train.group_dropouts(c, 2) == (0.1, 0.1)
+    c.return_dropout = 0.5
+    assert diffusion_train.group_dropouts(c, 2) == (0.1, 0.5)
+    assert diffusion_train.group_dropouts(c, 1) == (0.1,)
 
 
 def test_fourier_features_values_and_conditioner_input():

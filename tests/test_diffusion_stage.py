@@ -144,6 +144,8 @@ def test_diffusion_refuses_latents_without_reevaluated_returns(
     assert not (tmp_path / "diffusion").exists() and path.exists()
     code = main([*argv, "--config.diffusion.return_source=best"])
     assert code == 2 and "return_source must be one of" in capsys.readouterr().err
+    code = main([*argv, "--config.diffusion.return_dropout=1.5"])
+    assert code == 2 and "return_dropout must lie in" in capsys.readouterr().err
 
 
 def test_ranked_returns_come_from_the_source_asked():

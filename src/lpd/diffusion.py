@@ -241,15 +241,16 @@ def diffusion_loss(params, model, schedule, x0, cond, key, prediction, cond_drop
 
     Each example gets a uniform timestep, Gaussian noise, and each group of
     its condition dropped (replaced by that group's null vector) with
-    probability ``cond_dropout``, independently. ``prediction`` is "epsilon"
-    or "v".
+    probability ``cond_dropout`` (a scalar, or one rate per group),
+    independently. ``prediction`` is "epsilon" or "v".
     """
     key_t, key_noise, key_drop = jax.random.split(key, 3)
     batch = x0.shape[0]
     t = jax.random.randint(key_t, (batch,), 0, schedule.num_timesteps)
     noise = jax.random.normal(key_noise, x0.shape)
     groups = max(1, len(model.cond_groups))
-    drop = jax.random.bernoulli(key_drop, cond_dropout, (batch, groups))
+    rates = jnp.broadcast_to(jnp.asarray(cond_dropout, jnp.float32), (groups,))
+    drop = jax.random.bernoulli(key_drop, rates, (batch, groups))
     xt = add_noise(schedule, x0, t, noise)
     out = jax.vmap(lambda *a: model.apply(params, *a))(xt, t, cond, drop)
     if prediction == "epsilon":

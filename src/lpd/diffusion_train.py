@@ -60,6 +60,8 @@ def validate(c: ml_collections.ConfigDict, latent_dim: int) -> None:
         raise LpdError("diffusion.sample_steps must be <= diffusion.num_timesteps")
     if not 0.0 <= c.cond_dropout < 1.0:
         raise LpdError("diffusion.cond_dropout must lie in [0, 1)")
+    if c.get("return_dropout") is not None and not 0.0 <= c.return_dropout < 1.0:
+        raise LpdError("diffusion.return_dropout must lie in [0, 1) (or be None)")
     if not 0.0 <= c.ema_decay < 1.0:
         raise LpdError("diffusion.ema_decay must lie in [0, 1)")
     if c.get("cond_frequencies", 0) < 0:
@@ -87,11 +89,24 @@ def validate(c: ml_collections.ConfigDict, latent_dim: int) -> None:
         )
 
 
+def group_dropouts(c: ml_collections.ConfigDict, num_groups: int) -> tuple:
+    """The drop rate of each condition group while training: ``cond_dropout``
+    for the first (the descriptor, or the text), ``return_dropout`` for the
+    return rank after it (None: ``cond_dropout`` as well)."""
+    rates = [c.cond_dropout]
+    if num_groups > 1:
+        rate = c.get("return_dropout")
+        rates.append(c.cond_dropout if rate is None else rate)
+    return tuple(rates)
+
+
 def make_train_chunk(model, schedule, optimizer, c, num_steps):
     """Jitted ``(state, (latents [N, L], conditions [N, C]), start, key)``.
 
-    ``c`` holds ``batch_size``, ``prediction``, ``cond_dropout`` and ``ema_decay``.
+    ``c`` holds ``batch_size``, ``prediction``, the dropout rates
+    (:func:`group_dropouts`) and ``ema_decay``.
     """
+    dropouts = group_dropouts(c, len(model.cond_groups))
 
     def train_step(state, data, step, key):
         latents, conditions = data
@@ -105,7 +120,7 @@ def make_train_chunk(model, schedule, optimizer, c, num_steps):
             conditions[idx],
             key_loss,
             c.prediction,
-            c.cond_dropout,
+            dropouts,
         )
         updates, opt_state = optimizer.update(
             grads, state["opt_state"], state["params"]

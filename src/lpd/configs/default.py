@@ -132,6 +132,9 @@ def get_diffusion_config() -> ml_collections.ConfigDict:
             num_timesteps=600,
             prediction="v",  # v or epsilon
             cond_dropout=0.1,  # trains the null condition used by guidance
+            # The return rank's own drop rate (None: cond_dropout); the
+            # dropped branch is what plain asks, which leave the return out, use.
+            return_dropout=ml_collections.config_dict.placeholder(float),
             # Also condition on each elite's return rank among this many
             # elites nearest in descriptor space (0: descriptor only).
             return_neighbours=16,
