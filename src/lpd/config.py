@@ -169,7 +169,6 @@ ADDED_FIELDS = {
     "codec.visit_period": 0,
     "diffusion.return_neighbours": 0,
     "diffusion.return_source": "stored",
-    "diffusion.return_dropout": None,
     "diffusion.cond_frequencies": 0,
 }
 
