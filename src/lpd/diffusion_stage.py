@@ -15,6 +15,7 @@ Sampling from the trained model lives in :mod:`lpd.generator`.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 
@@ -111,11 +112,23 @@ def training_conditions(descriptors, returns, num_neighbours: int):
     return np.concatenate([descriptors, quantiles[:, None]], axis=1), groups
 
 
-def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
-    """Trains (or resumes, or skips when complete) the denoiser; returns its dir."""
+def run_diffusion_stage(
+    config: ml_collections.ConfigDict, workdir, draw: int = 0
+) -> Path:
+    """Trains (or resumes, or skips when complete) the denoiser; returns its dir.
+
+    ``draw > 0`` trains another draw of the same config (other keys, folded
+    from the stage's; :mod:`lpd.draws`); 0 is the pipeline's own denoiser.
+    """
     directory = diffusion_dir(workdir)
     config_dict = config_to_dict(config)
     if stage_complete(directory, config_dict, "diffusion"):
+        made = json.loads((directory / "meta.json").read_text()).get("draw", 0)
+        if made != draw:
+            raise LpdError(
+                f"{directory} holds denoiser draw {made}, not {draw}; "
+                "use another --workdir"
+            )
         log.info("diffusion: complete in %s, skipping", directory)
         return directory
     clock = StageClock(directory)
@@ -128,6 +141,8 @@ def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         data["descriptors"], returns, c.return_neighbours
     )
     key = jax.random.fold_in(jax.random.key(config.seed), STAGE_KEY)
+    if draw:
+        key = jax.random.fold_in(key, draw)
     key_init, key_train, key_sweep = jax.random.split(key, 3)
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "config.json", config_dict)
@@ -148,6 +163,7 @@ def run_diffusion_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         "denoiser_params": policy_lib.count_params(ema),
         "latent_dim": int(latents.shape[1]),
         "guidance": sweep["picked"],
+        "draw": draw,
         "wall_time_s": clock.total(),
         "versions": archive_io.package_versions(),
         "config": config_dict,

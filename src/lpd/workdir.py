@@ -172,6 +172,16 @@ def is_complete(directory) -> bool:
     return (Path(directory) / "meta.json").exists()
 
 
+def config_diffs(directory, config_dict: dict, section: str) -> list[str]:
+    """Where a stage directory's ``config.json`` differs from ``config_dict``
+    in ``config.<section>`` and the seed (``[]``: made with this config)."""
+    old = json.loads((Path(directory) / "config.json").read_text())
+    diffs = diff_configs(old.get(section, {}), config_dict[section], section)
+    if old.get("seed") != config_dict["seed"]:
+        diffs.append(f"seed: {old.get('seed')!r} -> {config_dict['seed']!r}")
+    return diffs
+
+
 def stage_complete(directory, config_dict: dict, section: str) -> bool:
     """Whether a stage's directory holds a complete run of this config.
 
@@ -192,10 +202,7 @@ def stage_complete(directory, config_dict: dict, section: str) -> bool:
                 "use another --workdir"
             )
         return False
-    old = json.loads(path.read_text())
-    diffs = diff_configs(old.get(section, {}), config_dict[section], section)
-    if old.get("seed") != config_dict["seed"]:
-        diffs.append(f"seed: {old.get('seed')!r} -> {config_dict['seed']!r}")
+    diffs = config_diffs(directory, config_dict, section)
     if diffs:
         raise LpdError(
             f"{directory} was made with a different config ({'; '.join(diffs[:3])}); "
