@@ -76,14 +76,14 @@ def test_fields_added_later_read_as_their_old_behaviour():
     assert diff_configs(old["archive"], same["archive"], "archive") == []
     assert diff_configs(old, other) == ["config.archive.num_ancestors: 0 -> 1"]
     assert diff_configs({}, {"new_field": 1}) == ["config.new_field: None -> 1"]
-    # A stage made before `return_dropout` (the return rank dropped at
-    # cond_dropout) matches the default, which leaves it unset.
+    # A stage made before `return_dropout` dropped the return rank at
+    # cond_dropout: it matches that setting left unset, not the default 0.3.
     from conftest import CONFIGS
 
     new = config_to_dict(load_config(str(CONFIGS / "default.py")).diffusion)
     old = {k: v for k, v in new.items() if k != "return_dropout"}
-    assert diff_configs(old, new, "diffusion") == []
-    assert diff_configs(old, {**new, "return_dropout": 0.3}, "diffusion") == [
+    assert diff_configs(old, {**new, "return_dropout": None}, "diffusion") == []
+    assert diff_configs(old, new, "diffusion") == [
         "diffusion.return_dropout: None -> 0.3"
     ]
 

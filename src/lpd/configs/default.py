@@ -133,8 +133,11 @@ def get_diffusion_config() -> ml_collections.ConfigDict:
             prediction="v",  # v or epsilon
             cond_dropout=0.1,  # trains the null condition used by guidance
             # The return rank's own drop rate (None: cond_dropout); the
-            # dropped branch is what plain asks, which leave the return out, use.
-            return_dropout=ml_collections.config_dict.placeholder(float),
+            # dropped branch is what plain asks, which leave the return out,
+            # use. 0.3 against 0.1, mean of five denoiser draws: walker2d plain
+            # reward 0.980 -> 0.990, coverage 0.958 -> 0.969, uniform asks' QD
+            # score 0.917 -> 0.888; hopper 0.984 -> 0.998, 0.948 -> 0.961.
+            return_dropout=0.3,
             # Also condition on each elite's return rank among this many
             # elites nearest in descriptor space (0: descriptor only).
             return_neighbours=16,
