@@ -86,19 +86,17 @@ def _prepare(config_dict: dict, workdir: Path, draw_dir: Path, draw: int) -> Non
         ("report", ("diffusion", "evaluate")),
     ):
         source, target = stage_dir(workdir, stage), stage_dir(draw_dir, stage)
-        if target.exists() or not _made_with(source, config_dict, sections):
-            return
-        _copy(source, target)
+        if not target.exists() and _made_with(source, config_dict, sections):
+            _copy(source, target)
 
 
 def _row(draw_dir: Path, draw: int) -> dict:
     report = json.loads((stage_dir(draw_dir, "report") / "report.json").read_text())
-    sets = {"generated": report, "top_return": report.get("top_return")}
-    sets["uniform"] = report.get("uniform")
     row = {"draw": draw, "guidance": report["guidance"]}
     for name in SETS:
-        if sets[name] is not None:
-            row[name] = {m: float(sets[name][m]) for m in METRICS}
+        figures = report if name == "generated" else report.get(name)
+        if figures is not None:
+            row[name] = {m: float(figures[m]) for m in METRICS}
     return row
 
 
