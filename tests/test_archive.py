@@ -149,6 +149,46 @@ def test_scoring_on_several_episodes_averages_random_starts():
     np.testing.assert_allclose(fitnesses, np.asarray(each).mean(axis=1), rtol=1e-6)
 
 
+def test_search_on_longer_episodes_than_the_protocol(tiny_config_path, tmp_path):
+    from lpd import policy as policy_lib
+    from lpd import qd
+    from lpd.devices import batch_sharding
+
+    config = load_config(
+        tiny_config_path,
+        [
+            "--config.archive.search_episode_length=100",
+            "--config.archive.num_iterations=2",
+            "--config.archive.reeval_episodes=2",
+        ],
+    )
+    archive.run_archive_stage(config, tmp_path)
+    data, meta = archive_io.load_archive(tmp_path)
+    assert meta["search_episode_length"] == 100 and meta["episode_length"] == 50
+    assert meta["fitness_offset"] == qd.fitness_offset("walker2d_uni", 50)
+    idx, flat = archive_io.elites(data)
+    stored = np.asarray(data.fitnesses)[idx]
+
+    # The stored returns are QDax's fixed-start scores over the search's 100
+    # steps, not the protocol's 50.
+    def score(length):
+        env = qd.make_env("walker2d_uni", length, "spring")
+        policy = policy_lib.Policy((8,), env.action_size)
+        start = jax.random.fold_in(jax.random.key(config.seed), 0)
+        fn = qd.make_scoring_fn(env, policy, length, start, batch_sharding(1))
+        genotypes = policy_lib.unflatten_params(flat)
+        return np.asarray(jax.jit(fn)(genotypes, jax.random.key(0))[0])
+
+    np.testing.assert_allclose(stored, score(100), rtol=1e-4, atol=1e-3)
+    assert not np.allclose(stored, score(50), rtol=1e-2)
+    # The closing check re-runs them on the protocol's length.
+    assert 0 < meta["reevaluation"]["filled_cells"] <= len(idx)
+    with pytest.raises(LpdError, match="search_episode_length must be > 0"):
+        archive.validate(
+            load_config(tiny_config_path, ["--config.archive.search_episode_length=0"])
+        )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",

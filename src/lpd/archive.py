@@ -74,7 +74,7 @@ def spec_from_config(config: ml_collections.ConfigDict) -> SearchSpec:
     return SearchSpec(
         env_name=c.env,
         backend=c.backend,
-        episode_length=c.episode_length,
+        episode_length=c.search_episode_length or c.episode_length,
         hidden_sizes=tuple(c.policy_hidden_sizes),
         normalise_obs=c.normalise_obs,
         emitter=c.emitter,
@@ -248,6 +248,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if c.batch_size <= 0 or c.episode_length <= 0:
         raise LpdError("archive.batch_size and archive.episode_length must be > 0")
+    if c.search_episode_length is not None and c.search_episode_length <= 0:
+        raise LpdError(
+            f"archive.search_episode_length must be > 0 (or unset), got "
+            f"{c.search_episode_length}"
+        )
     if not c.policy_hidden_sizes or any(h <= 0 for h in c.policy_hidden_sizes):
         raise LpdError(
             "archive.policy_hidden_sizes must list positive layer widths, got "
@@ -333,6 +338,8 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     spec = spec_from_config(config)
     fns = make_search_fns(spec)  # Checks env, backend, emitter names.
     meta = describe_config(c)
+    if c.search_episode_length:
+        meta["search_episode_length"] = int(c.search_episode_length)
     key = jax.random.key(config.seed)
     key_cells, key_policies, key_init, key_search = jax.random.split(key, 4)
     num_dims = len(meta["descriptor_names"])
@@ -356,7 +363,7 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
         centroids=repertoire.centroids,
     )
     if c.reeval_episodes:
-        meta["reevaluation"] = reevaluate(fns, archive, meta, c, key)
+        meta["reevaluation"] = reevaluate(archive, meta, c, key)
     meta.update(
         format=archive_io.FORMAT,
         source="lpd archive",
@@ -378,14 +385,15 @@ def run_archive_stage(config: ml_collections.ConfigDict, workdir) -> Path:
     return directory
 
 
-def reevaluate(fns, archive, meta: dict, c, key) -> dict:
+def reevaluate(archive, meta: dict, c, key) -> dict:
     """How the stored elites fare re-run from ``c.reeval_episodes`` random
     starts each (the evaluation's protocol): the cells their mean foot
     contact fills (QDax insertion by mean return) against the cells stored,
     that archive's QD score, the share of elites that stayed up in every
     episode and their mean return."""
     idx, flat = archive_io.elites(archive)
-    task = (fns.env, fns.policy, int(meta["episode_length"]))
+    env, policy = make_task(meta)  # The protocol's length, not the search's.
+    task = (env, policy, int(meta["episode_length"]))
     returns, descriptors, lasted = evaluation.reevaluate(
         task,
         flat,

@@ -15,7 +15,12 @@ def get_archive_config() -> ml_collections.ConfigDict:
             env="walker2d_uni",  # walker2d_uni, halfcheetah_uni, humanoid_uni,
             # hopper_uni (1-D descriptor), ant_uni (4-D descriptor)
             backend="spring",  # spring (fastest on CPU), positional, generalized, mjx
-            episode_length=250,
+            episode_length=250,  # every rollout's length, the search's included
+            # The search's own episode length, when it should select elites on
+            # longer episodes than the codec, sweep and evaluation roll out
+            # (unset: episode_length). The stored returns and foot contact are
+            # then measured over it.
+            search_episode_length=ml_collections.config_dict.placeholder(int),
             policy_hidden_sizes=(128, 128),
             normalise_obs=False,
             emitter="map_elites",  # map_elites (isoline variation), pga_me or dcrl_me
