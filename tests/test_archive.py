@@ -181,8 +181,10 @@ def test_search_on_longer_episodes_than_the_protocol(tiny_config_path, tmp_path)
 
     np.testing.assert_allclose(stored, score(100), rtol=1e-4, atol=1e-3)
     assert not np.allclose(stored, score(50), rtol=1e-2)
-    # The closing check re-runs them on the protocol's length.
-    assert 0 < meta["reevaluation"]["filled_cells"] <= len(idx)
+    # The closing check re-runs them on the protocol's length (meta's 50).
+    again = archive.reevaluate(data, meta, config.archive, jax.random.key(config.seed))
+    assert again == meta["reevaluation"]
+    assert 0 < again["filled_cells"] <= len(idx)
     with pytest.raises(LpdError, match="search_episode_length must be > 0"):
         archive.validate(
             load_config(tiny_config_path, ["--config.archive.search_episode_length=0"])
