@@ -216,6 +216,22 @@ def test_bad_labels_file_writes_nothing(
             ],
             "normalise_obs=false",
         ),
+        # One iteration's 16 episodes of the tiny config's length overflow it.
+        (
+            "archive",
+            ["archive.emitter=pga_me", "archive.pga.replay_buffer_size=100"],
+            "pga.replay_buffer_size (100)",
+        ),
+        (
+            "archive",
+            [
+                "archive.emitter=dcrl_me",
+                "archive.dcrl.dcrl_batch_size=4",
+                "archive.dcrl.ai_batch_size=4",
+                "archive.search_episode_length=20000",
+            ],
+            "dcrl.replay_buffer_size (200000)",
+        ),
         ("archive", ["seed=-3"], "config.seed"),
         ("train-codec", ["codec.latent_dim=0"], "latent_dim"),
         ("evaluate", ["evaluate.memory_fraction=0"], "memory_fraction"),

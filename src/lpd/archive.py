@@ -275,6 +275,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if c.emitter == "dcrl_me":
         _validate_dcrl(c)
+    if c.emitter in ("pga_me", "dcrl_me"):
+        # QDax inserts every offspring's whole episode at once.
+        group = "dcrl" if c.emitter == "dcrl_me" else "pga"
+        size = c[group].replay_buffer_size
+        needed = c.batch_size * (c.search_episode_length or c.episode_length)
+        if size < needed:
+            raise LpdError(
+                f"archive.{group}.replay_buffer_size ({size}) must hold one "
+                f"iteration's transitions, batch_size x the search's episode "
+                f"length = {needed}; raise it to at least that"
+            )
     if c.iso_sigma < 0 or c.line_sigma < 0:
         raise LpdError("archive.iso_sigma and archive.line_sigma must be >= 0")
     if c.tessellation == "grid" and any(n <= 0 for n in c.grid_shape):

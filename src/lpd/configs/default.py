@@ -15,7 +15,7 @@ def get_archive_config() -> ml_collections.ConfigDict:
             env="walker2d_uni",  # walker2d_uni, halfcheetah_uni, humanoid_uni,
             # hopper_uni (1-D descriptor), ant_uni (4-D descriptor)
             backend="spring",  # spring (fastest on CPU), positional, generalized, mjx
-            episode_length=250,  # every rollout's length, the search's included
+            episode_length=250,  # every rollout's length (the search's if unset below)
             # The search's own episode length, when it should select elites on
             # longer episodes than the codec, sweep and evaluation roll out
             # (unset: episode_length). The stored returns and foot contact are
