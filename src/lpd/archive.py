@@ -61,6 +61,12 @@ class SearchSpec:
     seed: int
 
 
+def _search_steps(c) -> int:
+    """The search's episode length: ``archive.search_episode_length`` if set,
+    else ``archive.episode_length`` (``c`` is ``config.archive``)."""
+    return c.search_episode_length or c.episode_length
+
+
 def spec_from_config(config: ml_collections.ConfigDict) -> SearchSpec:
     """Reads the archive part of an experiment config into a ``SearchSpec``."""
     c = config.archive
@@ -74,7 +80,7 @@ def spec_from_config(config: ml_collections.ConfigDict) -> SearchSpec:
     return SearchSpec(
         env_name=c.env,
         backend=c.backend,
-        episode_length=c.search_episode_length or c.episode_length,
+        episode_length=_search_steps(c),
         hidden_sizes=tuple(c.policy_hidden_sizes),
         normalise_obs=c.normalise_obs,
         emitter=c.emitter,
@@ -279,7 +285,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         # QDax inserts every offspring's whole episode at once.
         group = "dcrl" if c.emitter == "dcrl_me" else "pga"
         size = c[group].replay_buffer_size
-        needed = c.batch_size * (c.search_episode_length or c.episode_length)
+        needed = c.batch_size * _search_steps(c)
         if size < needed:
             raise LpdError(
                 f"archive.{group}.replay_buffer_size ({size}) must hold one "
